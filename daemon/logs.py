@@ -1,0 +1,78 @@
+"""The one structlog configuration.
+
+Only the CLI calls :func:`configure`. Modules call ``structlog.get_logger()`` and bind context;
+tests use ``structlog.testing.capture_logs()``.
+
+- ``json`` (default when stderr is not a TTY): one orjson-encoded JSON object per line on stderr,
+  with ISO timestamps and the level, via ``BytesLoggerFactory`` (structlog's performance recipe).
+- ``console`` (default on a TTY): structlog's readable ``ConsoleRenderer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Literal
+
+import orjson
+import structlog
+
+__all__ = ["RateLimiter", "configure"]
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
+    """Configure structlog for the whole process (call once, from the CLI)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        structlog.configure(
+            cache_logger_on_first_use=True,
+            wrapper_class=structlog.make_filtering_bound_logger(numeric),
+            processors=[
+                *shared,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            ],
+            logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
+        )
+    else:
+        structlog.configure(
+            cache_logger_on_first_use=True,
+            wrapper_class=structlog.make_filtering_bound_logger(numeric),
+            processors=[*shared, structlog.dev.ConsoleRenderer()],
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        )
+
+
+class RateLimiter:
+    """Allows one event per ``period`` seconds per key and counts what it suppressed.
+
+    Used for warnings that bad input can trigger at any rate (dead letters): the first one per key
+    is logged at once, the rest are folded into the next allowed line as ``suppressed=N``.
+    """
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str, now: float | None = None) -> int | None:
+        """``None`` when this event must be suppressed, else the number suppressed before it."""
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last < self.period:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

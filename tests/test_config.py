@@ -1,0 +1,94 @@
+"""Settings are validated once, with messages naming the setting; the CLI maps flags and env vars."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.cli import build_parser, env_name, settings_from
+from daemon.config import ConfigError, MonitorSettings, Settings, SimulateSettings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"window": 0}, "window"),
+        ({"time_windows": (60.0, -1.0)}, "time windows"),
+        ({"time_windows": (60.0, 60.0)}, "distinct"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"max_array": 0}, "max-array"),
+        ({"max_classes": 1}, "max-classes"),
+    ],
+)
+def test_monitor_settings_reject_bad_values(kwargs: dict[str, object], message: str) -> None:
+    """Each out-of-range monitor setting fails at construction with its name in the message."""
+    with pytest.raises(ConfigError, match=message):
+        MonitorSettings(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"interval": 0}, "interval"),
+        ({"bootstrap_servers": " "}, "bootstrap"),
+        ({"output_topic": "training.events"}, "differ"),
+        ({"partitions": 0}, "partitions"),
+        ({"group_id": ""}, "group-id"),
+    ],
+)
+def test_settings_reject_bad_values(kwargs: dict[str, object], message: str) -> None:
+    """Each inconsistent daemon setting fails at construction with its name in the message."""
+    with pytest.raises(ConfigError, match=message):
+        Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_dead_letter_topic_defaults_to_input_dot_dlq() -> None:
+    """Without an explicit dead-letter topic it is the input topic plus '.dlq'."""
+    assert Settings(input_topic="in").dead_letter_topic == "in.dlq"
+
+
+def test_simulate_settings_reject_bad_values() -> None:
+    """A simulator with no runs is refused."""
+    with pytest.raises(ConfigError, match="runs"):
+        SimulateSettings(runs=0)
+
+
+def test_flags_become_settings() -> None:
+    """Command-line flags, including repeated time windows, end up in the Settings."""
+    args = build_parser().parse_args(
+        ["run", "--bootstrap-servers", "k:1", "--window", "50", "--time-window", "10",
+         "--time-window", "30", "--interval", "0.5"]
+    )
+    settings = settings_from(args)
+    assert settings.bootstrap_servers == "k:1"
+    assert settings.monitor.window == 50
+    assert settings.monitor.time_windows == (10.0, 30.0)
+    assert settings.interval == 0.5
+    assert settings.dead_letter_topic == "training.events.dlq"
+
+
+def test_env_vars_are_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    """METRICSD_* variables set defaults; an explicit flag overrides them."""
+    monkeypatch.setenv("METRICSD_WINDOW", "77")
+    monkeypatch.setenv("METRICSD_TIME_WINDOW", "5,15")
+    monkeypatch.setenv("METRICSD_OUTPUT_TOPIC", "out")
+    args = build_parser().parse_args(["run", "--output-topic", "flag-out"])
+    settings = settings_from(args)
+    assert settings.monitor.window == 77
+    assert settings.monitor.time_windows == (5.0, 15.0)
+    assert settings.output_topic == "flag-out"
+
+
+def test_time_window_zero_disables_time_windows() -> None:
+    """`--time-window 0` leaves only the count window."""
+    args = build_parser().parse_args(["run", "--time-window", "0"])
+    assert settings_from(args).monitor.time_windows == ()
+
+
+def test_default_time_windows_are_60_and_300() -> None:
+    """Without flags or env the time windows are 60 s and 300 s."""
+    assert settings_from(build_parser().parse_args(["run"])).monitor.time_windows == (60.0, 300.0)
+
+
+def test_env_name_mapping() -> None:
+    """Flags map to METRICSD_ upper-case names with underscores."""
+    assert env_name("--bootstrap-servers") == "METRICSD_BOOTSTRAP_SERVERS"
