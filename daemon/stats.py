@@ -1,0 +1,735 @@
+"""Vectorised window statistics over blocks of windows (numeric, classification, regression).
+
+Plan
+----
+Operations. Every public function takes a 2-D block ``(rows, slots)`` of window buffers plus a
+boolean mask ``valid`` of the same shape (which slots belong to the window; slot order is
+irrelevant, so a ring buffer is used as is) and returns one value per row. Undefined results are
+NaN (the caller turns NaN into JSON null). Invalid slots may hold anything (garbage, NaN) and never
+reach a result: every pass either overwrites them or masks them out.
+
+Shape. A statistic is a function of a prepared block (``_Moments``, ``_Confusion``,
+``_PerLabel``, ``_Pairs``) returning a 1-D float64 array; each family is one table
+``{name: function}``; adding a statistic is one function and one line in its table.
+
+Goals. (1) Match the oracles (numpy "linear" percentiles bit for bit, ``np.std`` with ddof=0,
+``scipy.stats.skew``/``kurtosis``/``variation``/``pearsonr``, ``sklearn.metrics`` with
+``zero_division=0``) to ~1e-12 relative on well-conditioned data, and stay within ~1e-12 of exact
+arithmetic where the oracles themselves lose digits (variance tiny next to the mean); (2) no
+warnings; (3) one pass over a block, no per-row Python loop, so a tick over thousands of windows
+costs little more than one ``np.sort`` of the data.
+
+Cost. Rows are processed in chunks of about ``_CHUNK_VALUES`` values so the three scratch buffers
+stay in cache and are allocated once per call (full-size temporaries cost page faults). Per chunk,
+numeric windows cost one copy, one in-place ``sort(axis=1)`` (numpy's SIMD sort, ~13 ns a value on
+1,000-slot rows: ~80% of the time) and about six streaming passes for the moments; quantiles are
+per-row gathers at computed positions. When every slot of a chunk is valid (a full count window)
+the mask passes are skipped. Moments use the mean and one pass over the centred deviations plus the
+corrected two-pass term ``c = mean(x - mean)``, never raw power sums, so skewness and kurtosis are
+accurate even when the variance is tiny relative to the mean. Classification is counting:
+``count_nonzero`` per row (binary) and one ``np.unique`` over (row, label) keys plus one
+``bincount`` (multiclass), memory O(valid slots + sum over rows of K_row²).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "BINARY_METRICS",
+    "MULTICLASS_METRICS",
+    "NUMERIC_METRICS",
+    "REGRESSION_METRICS",
+    "binary_summary",
+    "multiclass_summary",
+    "numeric_summary",
+    "quantiles",
+    "regression_summary",
+]
+
+F64 = NDArray[np.float64]
+Bools = NDArray[np.bool_]
+Ints = NDArray[np.int64]
+_B = TypeVar("_B")
+
+# 128 Ki values = 1 MiB per float64 scratch buffer: per-chunk Python overhead is negligible and the
+# buffers stay cache-resident (measured on 10,000 x 1,000: 2^15 was ~20% slower, 2^20 ~10% slower).
+_CHUNK_VALUES = 1 << 17
+# scipy.stats.skew/kurtosis call a window constant when m2 <= (eps * mean)**2 (scipy 1.17).
+_EPS = float(np.finfo(np.float64).eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def _check_block(valid: NDArray[Any], *arrays: NDArray[Any]) -> Bools:
+    """Return ``valid`` as a boolean array after checking every array is 2-D with its shape."""
+    mask = np.asarray(valid, dtype=np.bool_)
+    if mask.ndim != 2:
+        raise ValueError(f"valid must be 2-D (rows, slots), got shape {mask.shape}")
+    for array in arrays:
+        if array.shape != mask.shape:
+            raise ValueError(f"shape mismatch: {array.shape} vs valid {mask.shape}")
+    return mask
+
+
+def _chunks(rows: int, slots: int) -> Iterator[slice]:
+    """Row ranges of about ``_CHUNK_VALUES`` values each (at least one row)."""
+    step = max(1, _CHUNK_VALUES // max(slots, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _chunk_rows(rows: int, slots: int) -> int:
+    """Rows in the largest chunk ``_chunks`` yields: the scratch buffer height."""
+    return min(rows, max(1, _CHUNK_VALUES // max(slots, 1)))
+
+
+def _run_table(
+    table: dict[str, Callable[[_B], F64]], blocks: Iterator[tuple[slice, _B]], rows: int
+) -> dict[str, F64]:
+    """Evaluate every statistic of ``table`` on each prepared chunk, into one array per name."""
+    out = {name: np.empty(rows, dtype=np.float64) for name in table}
+    for rows_slice, block in blocks:
+        for name, statistic in table.items():
+            out[name][rows_slice] = statistic(block)
+    return out
+
+
+def _ratio(num: F64, den: F64, n: F64) -> F64:
+    """``num / den`` with 0 where ``den == 0`` (``zero_division=0``) and NaN where ``n == 0``."""
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den != 0)
+    out[n == 0] = np.nan
+    return out
+
+
+def _centre(src: F64, invalid: Bools | None, n: F64, out: F64) -> tuple[F64, F64]:
+    """Write ``src - mean`` into ``out`` (0 at invalid slots); return ``(mean, c)``.
+
+    ``mean`` is the pairwise-summed mean of the valid values (NaN for empty rows) and
+    ``c = mean(out)`` over the valid slots: the residual of ``mean``'s rounding, which the callers
+    fold back in (corrected two-pass algorithm, Chan, Golub & LeVeque 1983).
+    """
+    if invalid is None:
+        mean = src.sum(axis=1) / n
+        np.subtract(src, mean[:, None], out=out)
+    else:
+        np.copyto(out, src)
+        np.copyto(out, 0.0, where=invalid)
+        mean = out.sum(axis=1) / n
+        out -= mean[:, None]
+        np.copyto(out, 0.0, where=invalid)
+    return mean, out.sum(axis=1) / n
+
+
+def _row_pick(srt: F64, index: NDArray[np.intp]) -> F64:
+    """``srt[i, index[i]]`` for every row (flat indexing: cheaper than take_along_axis)."""
+    rows, slots = srt.shape
+    if slots == 0:  # windows of width 0: every row is empty
+        return np.full(rows, np.nan)
+    picked: F64 = srt.reshape(-1)[np.arange(rows) * slots + index]
+    return picked
+
+
+def _sorted_positions(srt: F64, n: Ints, q: float) -> F64:
+    """The ``q``-quantile of each row's first ``n`` sorted values, as ``np.percentile`` computes it.
+
+    numpy "linear": h = (n - 1)·q, value = lerp(x[floor h], x[floor h + 1], h - floor h), with
+    numpy's two-sided ``_lerp`` (from the upper end when the weight is >= 0.5) so results match
+    bit for bit. NaN for empty rows.
+    """
+    last = n - 1
+    h = last * q
+    lo = np.floor(h)
+    gamma = h - lo
+    lo_i = np.maximum(lo.astype(np.intp), 0)
+    hi_i = np.maximum(np.minimum(lo_i + 1, last), 0)
+    a = _row_pick(srt, lo_i)
+    b = _row_pick(srt, hi_i)
+    empty = n == 0
+    a[empty] = np.nan
+    b[empty] = np.nan
+    diff = b - a
+    result: F64 = a + diff * gamma
+    np.subtract(b, diff * (1.0 - gamma), out=result, where=gamma >= 0.5)
+    return result
+
+
+def _sort_chunk(values: F64, valid: Bools, out: F64) -> tuple[Ints, Bools | None]:
+    """Sort each row's valid values into ``out`` (invalid slots pushed to the end as +inf).
+
+    Returns the per-row valid counts and the mask of the sorted tail (None when every slot of the
+    chunk is valid, the fast path of a full count window).
+    """
+    rows, slots = values.shape
+    if valid.all():
+        np.copyto(out, values)
+        out.sort(axis=1)
+        return np.full(rows, slots, dtype=np.int64), None
+    out.fill(np.inf)
+    np.copyto(out, values, where=valid)
+    out.sort(axis=1)
+    n = np.count_nonzero(valid, axis=1).astype(np.int64)
+    tail = np.arange(slots)[None, :] >= n[:, None]
+    return n, tail
+
+
+# --------------------------------------------------------------------------------------------------
+# Numeric windows
+
+
+@dataclass(frozen=True, slots=True)
+class _Moments:
+    """One chunk of numeric windows, prepared once for every statistic.
+
+    ``ascending`` holds each row's valid values ascending in its first ``n`` slots; ``mean`` and the
+    central moments ``m2, m3, m4`` (divided by n) are exact for constant rows (0) and NaN for
+    empty rows, like ``count == 0``.
+    """
+
+    n: Ints
+    count: F64
+    ascending: F64
+    min: F64
+    max: F64
+    mean: F64
+    m2: F64
+    m3: F64
+    m4: F64
+
+    def quantile(self, q: float) -> F64:
+        """numpy "linear" q-quantile per row (NaN for empty rows)."""
+        return _sorted_positions(self.ascending, self.n, q)
+
+    def shape_undefined(self) -> Bools:
+        """scipy's skew/kurtosis test ``m2 <= (eps * mean)**2``: constant, n = 1 or empty.
+
+        scipy 1.17 uses ``finfo.eps`` here (older releases used ``finfo.resolution``).
+        """
+        return ~(self.m2 > (_EPS * self.mean) ** 2)
+
+
+def _numeric_blocks(values: F64, valid: Bools) -> Iterator[tuple[slice, _Moments]]:
+    """Sort and centre each chunk of rows once, yielding the prepared ``_Moments``."""
+    rows, slots = values.shape
+    height = _chunk_rows(rows, slots)
+    sort_buf = np.empty((height, slots))
+    dev_buf = np.empty((height, slots))
+    sq_buf = np.empty((height, slots))
+    for rs in _chunks(rows, slots):
+        m = rs.stop - rs.start
+        srt, dev, sq = sort_buf[:m], dev_buf[:m], sq_buf[:m]
+        n, tail = _sort_chunk(values[rs], valid[rs], srt)
+        count = n.astype(np.float64)
+        empty = n == 0
+        lo = _row_pick(srt, np.zeros(m, dtype=np.intp))
+        hi = _row_pick(srt, np.maximum(n - 1, 0).astype(np.intp))
+        lo[empty] = np.nan
+        hi[empty] = np.nan
+        mean0, c = _centre(srt, tail, count, dev)
+        np.multiply(dev, dev, out=sq)
+        s2 = sq.sum(axis=1) / count
+        s3 = np.einsum("ij,ij->i", sq, dev) / count
+        s4 = np.einsum("ij,ij->i", sq, sq) / count
+        # Moments about mean0 + c (the corrected mean) from the moments about mean0.
+        cc = c * c
+        m2 = np.maximum(s2 - cc, 0.0)
+        m3 = s3 - 3.0 * c * s2 + 2.0 * cc * c
+        m4 = s4 - 4.0 * c * s3 + 6.0 * cc * s2 - 3.0 * cc * cc
+        mean = mean0 + c
+        constant = lo == hi  # False for empty rows (NaN)
+        if constant.any():
+            mean[constant] = lo[constant]
+            m2[constant] = 0.0
+            m3[constant] = 0.0
+            m4[constant] = 0.0
+        yield rs, _Moments(n, count, srt, lo, hi, mean, m2, m3, m4)
+
+
+def _count(b: _Moments) -> F64:
+    """Number of valid slots n (0.0 for an empty window)."""
+    return b.count
+
+
+def _mean(b: _Moments) -> F64:
+    """Σx / n; the value itself for a constant window, NaN when empty."""
+    return b.mean
+
+
+def _std(b: _Moments) -> F64:
+    """Population standard deviation √(Σ(x - mean)² / n) (ddof=0); 0.0 when constant, NaN empty."""
+    return np.sqrt(b.m2)
+
+
+def _min(b: _Moments) -> F64:
+    """Smallest value; NaN when empty."""
+    return b.min
+
+
+def _max(b: _Moments) -> F64:
+    """Largest value; NaN when empty."""
+    return b.max
+
+
+def _median(b: _Moments) -> F64:
+    """numpy "linear" 50th percentile; the value when constant, NaN when empty."""
+    return b.quantile(0.5)
+
+
+def _p95(b: _Moments) -> F64:
+    """numpy "linear" 95th percentile; the value when constant, NaN when empty."""
+    return b.quantile(0.95)
+
+
+def _p99(b: _Moments) -> F64:
+    """numpy "linear" 99th percentile; the value when constant, NaN when empty."""
+    return b.quantile(0.99)
+
+
+def _cv(b: _Moments) -> F64:
+    """Coefficient of variation std / mean (scipy.stats.variation, ddof=0).
+
+    0.0 for a constant non-zero window; NaN when mean == 0 (scipy gives ±inf there) or empty.
+    """
+    out = np.full_like(b.mean, np.nan)
+    np.divide(np.sqrt(b.m2), b.mean, out=out, where=b.mean != 0)
+    return out
+
+
+def _skewness(b: _Moments) -> F64:
+    """Fisher-Pearson skewness m3 / m2^1.5, biased (scipy.stats.skew defaults).
+
+    NaN when scipy's constant test holds (constant window, n = 1) and when empty.
+    """
+    out = np.full_like(b.m2, np.nan)
+    np.divide(b.m3, b.m2**1.5, out=out, where=~b.shape_undefined())
+    return out
+
+
+def _kurtosis(b: _Moments) -> F64:
+    """Excess kurtosis m4 / m2² - 3, biased (scipy.stats.kurtosis defaults).
+
+    NaN when scipy's constant test holds (constant window, n = 1) and when empty.
+    """
+    out = np.full_like(b.m2, np.nan)
+    np.divide(b.m4, b.m2**2, out=out, where=~b.shape_undefined())
+    out -= 3.0
+    return out
+
+
+_NUMERIC: dict[str, Callable[[_Moments], F64]] = {
+    "count": _count,
+    "mean": _mean,
+    "std": _std,
+    "min": _min,
+    "max": _max,
+    "median": _median,
+    "p95": _p95,
+    "p99": _p99,
+    "cv": _cv,
+    "skewness": _skewness,
+    "kurtosis": _kurtosis,
+}
+NUMERIC_METRICS: tuple[str, ...] = tuple(_NUMERIC)
+
+
+def numeric_summary(values: F64, valid: Bools) -> dict[str, F64]:
+    """Every statistic of ``NUMERIC_METRICS`` for each row's valid values.
+
+    Empty rows give count 0.0 and NaN elsewhere. See the table functions for formulas.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    mask = _check_block(valid, data)
+    # Garbage in invalid slots is overwritten before use; "ignore" also keeps huge-but-finite
+    # inputs (|x| > 1e77, whose 4th powers overflow) from warning: they give inf/NaN like scipy.
+    with np.errstate(all="ignore"):
+        return _run_table(_NUMERIC, _numeric_blocks(data, mask), data.shape[0])
+
+
+def quantiles(values: F64, valid: Bools, qs: Sequence[float]) -> F64:
+    """numpy "linear" quantiles (``np.quantile(row[valid], qs)``) of every row.
+
+    Returns shape ``(len(qs), rows)``; NaN for empty rows. Each q must lie in [0, 1].
+    """
+    data = np.asarray(values, dtype=np.float64)
+    mask = _check_block(valid, data)
+    levels = [float(q) for q in qs]
+    if not all(0.0 <= q <= 1.0 for q in levels):
+        raise ValueError(f"quantile levels must lie in [0, 1], got {levels}")
+    rows, slots = data.shape
+    out = np.empty((len(levels), rows), dtype=np.float64)
+    buf = np.empty((_chunk_rows(rows, slots), slots))
+    with np.errstate(all="ignore"):
+        for rs in _chunks(rows, slots):
+            srt = buf[: rs.stop - rs.start]
+            n, _ = _sort_chunk(data[rs], mask[rs], srt)
+            for i, q in enumerate(levels):
+                out[i, rs] = _sorted_positions(srt, n, q)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Binary classification
+
+
+@dataclass(frozen=True, slots=True)
+class _Confusion:
+    """Per-row binary confusion counts (positive class = label 1), as float64."""
+
+    n: F64
+    tp: F64
+    fp: F64
+    fn: F64
+    tn: F64
+
+
+def _binary_blocks(y_true: NDArray[Any], y_pred: NDArray[Any], valid: Bools
+                   ) -> Iterator[tuple[slice, _Confusion]]:
+    """Count tp/fp/fn/tn per row, one chunk of rows at a time (bounded boolean temporaries)."""
+    rows, slots = valid.shape
+    for rs in _chunks(rows, slots):
+        v = valid[rs]
+        truth = y_true[rs] == 1  # NaN/garbage compares False; masked next anyway
+        truth &= v
+        guess = y_pred[rs] == 1
+        guess &= v
+        n = np.count_nonzero(v, axis=1).astype(np.float64)
+        pos_true = np.count_nonzero(truth, axis=1).astype(np.float64)
+        pos_pred = np.count_nonzero(guess, axis=1).astype(np.float64)
+        truth &= guess
+        tp = np.count_nonzero(truth, axis=1).astype(np.float64)
+        fp = pos_pred - tp
+        fn = pos_true - tp
+        yield rs, _Confusion(n, tp, fp, fn, n - tp - fp - fn)
+
+
+def _precision(b: _Confusion) -> F64:
+    """tp / (tp + fp); 0 with no positive prediction (zero_division=0); NaN when empty."""
+    return _ratio(b.tp, b.tp + b.fp, b.n)
+
+
+def _recall(b: _Confusion) -> F64:
+    """tp / (tp + fn); 0 with no positive label (zero_division=0); NaN when empty."""
+    return _ratio(b.tp, b.tp + b.fn, b.n)
+
+
+def _f1(b: _Confusion) -> F64:
+    """2tp / (2tp + fp + fn) (sklearn's form); 0 when no label or prediction is 1; NaN empty."""
+    return _ratio(2.0 * b.tp, 2.0 * b.tp + b.fp + b.fn, b.n)
+
+
+def _accuracy(b: _Confusion) -> F64:
+    """(tp + tn) / n; NaN when empty."""
+    return _ratio(b.tp + b.tn, b.n, b.n)
+
+
+_BINARY: dict[str, Callable[[_Confusion], F64]] = {
+    "precision": _precision,
+    "recall": _recall,
+    "f1": _f1,
+    "accuracy": _accuracy,
+    "tp": lambda b: b.tp,  # counts: 0 for an empty window
+    "fp": lambda b: b.fp,
+    "fn": lambda b: b.fn,
+    "tn": lambda b: b.tn,
+}
+BINARY_METRICS: tuple[str, ...] = tuple(_BINARY)
+
+
+def binary_summary(y_true: NDArray[Any], y_pred: NDArray[Any], valid: Bools) -> dict[str, F64]:
+    """Binary classification metrics per row (sklearn semantics, positive class 1, zero_division=0).
+
+    Labels are 0/1 stored as float64 or int64; any value other than 1 counts as negative. Empty
+    rows give tp = fp = fn = tn = 0 and NaN precision, recall, f1 and accuracy.
+    """
+    truth, guess = np.asarray(y_true), np.asarray(y_pred)
+    mask = _check_block(valid, truth, guess)
+    return _run_table(_BINARY, _binary_blocks(truth, guess, mask), mask.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiclass classification
+
+
+@dataclass(frozen=True, slots=True)
+class _PerLabel:
+    """Counts per (row, label) for the labels present in each row, plus per-row totals.
+
+    Arrays indexed by "key" (one per distinct (row, label), rows ascending, labels ascending):
+    ``key_row``, ``tp``, ``support`` (true count), ``predicted``. Per row: ``n``, ``k`` (labels).
+    """
+
+    n: F64
+    k: F64
+    key_row: NDArray[np.intp]
+    tp: F64
+    support: F64
+    predicted: F64
+
+    def row_mean(self, per_key: F64) -> F64:
+        """Unweighted mean over each row's labels (macro average); NaN for empty rows."""
+        return _ratio(self.row_sum(per_key), self.k, self.n)
+
+    def row_sum(self, per_key: F64) -> F64:
+        """Sum of a per-key quantity over each row's labels."""
+        total = np.bincount(self.key_row, weights=per_key, minlength=self.n.size)
+        return total.astype(np.float64, copy=False)
+
+    def label_precision(self) -> F64:
+        """tp / predicted per label, 0 when never predicted."""
+        return _ratio(self.tp, self.predicted, self.predicted + self.support)
+
+    def label_recall(self) -> F64:
+        """tp / support per label, 0 when absent from y_true."""
+        return _ratio(self.tp, self.support, self.predicted + self.support)
+
+    def label_f1(self) -> F64:
+        """2tp / (support + predicted) per label (positive: the label occurs in the row)."""
+        return _ratio(2.0 * self.tp, self.support + self.predicted, self.support + self.predicted)
+
+
+def _mc_accuracy(b: _PerLabel) -> F64:
+    """Σ tp / n (equals micro-averaged precision, recall and F1); NaN when empty."""
+    return _ratio(b.row_sum(b.tp), b.n, b.n)
+
+
+def _precision_macro(b: _PerLabel) -> F64:
+    """Mean over the row's labels of tp / predicted (0 if never predicted); NaN when empty."""
+    return b.row_mean(b.label_precision())
+
+
+def _recall_macro(b: _PerLabel) -> F64:
+    """Mean over the row's labels of tp / support (0 if not in y_true); NaN when empty."""
+    return b.row_mean(b.label_recall())
+
+
+def _f1_macro(b: _PerLabel) -> F64:
+    """Mean over the row's labels of 2tp / (support + predicted); NaN when empty."""
+    return b.row_mean(b.label_f1())
+
+
+def _f1_weighted(b: _PerLabel) -> F64:
+    """Σ f1_label · support / n; NaN when empty."""
+    return _ratio(b.row_sum(b.label_f1() * b.support), b.n, b.n)
+
+
+_MULTICLASS: dict[str, Callable[[_PerLabel], F64]] = {
+    "accuracy": _mc_accuracy,
+    "precision_macro": _precision_macro,
+    "recall_macro": _recall_macro,
+    "f1_macro": _f1_macro,
+    "f1_micro": _mc_accuracy,  # with every present label counted, micro F1 == accuracy
+    "f1_weighted": _f1_weighted,
+}
+MULTICLASS_METRICS: tuple[str, ...] = tuple(_MULTICLASS)
+
+
+def _as_labels(raw: NDArray[Any], side: str) -> Ints:
+    """Labels as int64, failing loudly unless they are non-negative integers."""
+    if raw.size and not (raw.min() >= 0 and raw.max() <= 2**53):
+        raise ValueError(f"{side} labels must be non-negative integers below 2**53")
+    labels = raw.astype(np.int64)
+    if raw.dtype.kind not in "iub" and not np.array_equal(labels, raw):
+        raise ValueError(f"{side} labels must be integers")
+    return labels
+
+
+def multiclass_summary(
+    y_true: NDArray[Any], y_pred: NDArray[Any], valid: Bools
+) -> tuple[dict[str, F64], list[tuple[list[int], list[list[int]]]]]:
+    """Multiclass metrics and confusion matrix per row (sklearn semantics, zero_division=0).
+
+    Labels are non-negative integers (float64 or int64). Per row, ``labels`` is the sorted union of
+    the labels in its y_true and y_pred (sklearn's default) and ``matrix[i][j]`` counts true
+    ``labels[i]`` predicted as ``labels[j]`` (``sklearn.metrics.confusion_matrix``). Macro and
+    weighted averages run over exactly those labels. Empty rows: NaN metrics and ``([], [])``.
+
+    Method: remap (row, label) to dense per-row indices with one ``np.unique`` on ``row·L + label``
+    keys, then one ``bincount`` over ``offset[row] + K_row·i + j`` fills every matrix at once.
+    """
+    all_true, all_pred = np.asarray(y_true), np.asarray(y_pred)
+    mask = _check_block(valid, all_true, all_pred)
+    rows = mask.shape[0]
+    row_of, slot_of = np.nonzero(mask)
+    truth = _as_labels(all_true[row_of, slot_of], "y_true")
+    guess = _as_labels(all_pred[row_of, slot_of], "y_pred")
+    pairs = row_of.size
+    span = int(max(truth.max(), guess.max())) + 1 if pairs else 1
+    if rows * span >= 2**62:
+        raise ValueError(f"labels up to {span - 1} overflow (row, label) keys for {rows} rows")
+    base = row_of.astype(np.int64) * span
+    keys, inverse = np.unique(np.concatenate([base + truth, base + guess]), return_inverse=True)
+    key_true, key_pred = inverse[:pairs], inverse[pairs:]
+    key_row = (keys // span).astype(np.intp)
+    key_label = keys % span
+    k = np.bincount(key_row, minlength=rows)
+    first = np.cumsum(k) - k  # index of each row's first key
+    cells = k * k
+    offset = np.cumsum(cells) - cells
+    k_pair = k[row_of]
+    local_true = key_true - first[row_of]
+    local_pred = key_pred - first[row_of]
+    flat = np.bincount(offset[row_of] + local_true * k_pair + local_pred,
+                       minlength=int(cells.sum()))
+    hit = key_true == key_pred
+    block = _PerLabel(
+        n=np.bincount(row_of, minlength=rows).astype(np.float64),
+        k=k.astype(np.float64),
+        key_row=key_row,
+        tp=np.bincount(key_true[hit], minlength=keys.size).astype(np.float64),
+        support=np.bincount(key_true, minlength=keys.size).astype(np.float64),
+        predicted=np.bincount(key_pred, minlength=keys.size).astype(np.float64),
+    )
+    with np.errstate(all="ignore"):
+        metrics = _run_table(_MULTICLASS, iter([(slice(0, rows), block)]), rows)
+    matrices: list[tuple[list[int], list[list[int]]]] = []
+    for row in range(rows):  # list building is per row by nature
+        size = int(k[row])
+        labels = key_label[first[row] : first[row] + size].tolist()
+        start = int(offset[row])
+        matrix = flat[start : start + size * size].reshape(size, size).tolist()
+        matrices.append((labels, matrix))
+    return metrics, matrices
+
+
+# --------------------------------------------------------------------------------------------------
+# Regression
+
+
+@dataclass(frozen=True, slots=True)
+class _Pairs:
+    """Per-row sums for (y_true, y_pred) pairs: errors e = y_pred - y_true and centred co-moments.
+
+    ``sse = Σe²``, ``sae = Σ|e|``, ``hits = #{|e| <= threshold}``; ``stt``, ``spp``, ``stp`` are
+    Σ(t - t̄)², Σ(p - p̄)², Σ(t - t̄)(p - p̄) about the corrected means; ``flat_true`` /
+    ``flat_pred`` mark rows whose y_true / y_pred are constant (exact min == max).
+    """
+
+    n: F64
+    sse: F64
+    sae: F64
+    hits: F64
+    stt: F64
+    spp: F64
+    stp: F64
+    flat_true: Bools
+    flat_pred: Bools
+
+
+def _constant_rows(x: F64, invalid: Bools | None) -> Bools:
+    """Rows whose valid values are all equal (exact comparison, as scipy's constant test)."""
+    if invalid is None:
+        return np.asarray(x.min(axis=1) == x.max(axis=1))
+    where = ~invalid
+    lo = np.min(x, axis=1, where=where, initial=np.inf)
+    hi = np.max(x, axis=1, where=where, initial=-np.inf)
+    return np.asarray(lo == hi)
+
+
+def _regression_blocks(y_true: F64, y_pred: F64, valid: Bools, threshold: float
+                       ) -> Iterator[tuple[slice, _Pairs]]:
+    """Prepare error sums and centred co-moments, one chunk of rows at a time."""
+    rows, slots = valid.shape
+    height = _chunk_rows(rows, slots)
+    err_buf = np.empty((height, slots))
+    dt_buf = np.empty((height, slots))
+    dp_buf = np.empty((height, slots))
+    for rs in _chunks(rows, slots):
+        m = rs.stop - rs.start
+        err, dt, dp = err_buf[:m], dt_buf[:m], dp_buf[:m]
+        t, p, v = y_true[rs], y_pred[rs], valid[rs]
+        invalid = None if slots and v.all() else ~v
+        n = np.count_nonzero(v, axis=1).astype(np.float64)
+        np.subtract(p, t, out=err)
+        if invalid is not None:
+            np.copyto(err, 0.0, where=invalid)
+        sse = np.einsum("ij,ij->i", err, err)
+        np.abs(err, out=err)
+        sae = err.sum(axis=1)
+        close = err <= threshold
+        if invalid is not None:
+            close &= v
+        hits = np.count_nonzero(close, axis=1).astype(np.float64)
+        _, ct = _centre(t, invalid, n, dt)
+        _, cp = _centre(p, invalid, n, dp)
+        stt = np.maximum(np.einsum("ij,ij->i", dt, dt) - n * ct * ct, 0.0)
+        spp = np.maximum(np.einsum("ij,ij->i", dp, dp) - n * cp * cp, 0.0)
+        stp = np.einsum("ij,ij->i", dt, dp) - n * ct * cp
+        flat_t = _constant_rows(t, invalid)
+        flat_p = _constant_rows(p, invalid)
+        yield rs, _Pairs(n, sse, sae, hits, stt, spp, stp, flat_t, flat_p)
+
+
+def _mse(b: _Pairs) -> F64:
+    """Σe² / n; NaN when empty."""
+    return b.sse / b.n
+
+
+def _rmse(b: _Pairs) -> F64:
+    """√(Σe² / n); NaN when empty."""
+    return np.sqrt(b.sse / b.n)
+
+
+def _mae(b: _Pairs) -> F64:
+    """Σ|e| / n; NaN when empty."""
+    return b.sae / b.n
+
+
+def _r2(b: _Pairs) -> F64:
+    """1 - Σe² / Σ(t - t̄)² (sklearn r2_score, force_finite=True).
+
+    Constant y_true: 1.0 if every prediction is exact else 0.0; NaN when n < 2.
+    """
+    out = np.full_like(b.n, np.nan)
+    ok = (b.n >= 2) & ~b.flat_true & (b.stt > 0)
+    np.divide(b.sse, b.stt, out=out, where=ok)
+    np.subtract(1.0, out, out=out, where=ok)
+    forced = (b.n >= 2) & b.flat_true
+    out[forced] = np.where(b.sse[forced] == 0, 1.0, 0.0)
+    return out
+
+
+def _pearson_r(b: _Pairs) -> F64:
+    """Σ(t - t̄)(p - p̄) / √(Σ(t - t̄)² Σ(p - p̄)²), clipped to [-1, 1] (scipy.stats.pearsonr).
+
+    NaN when n < 2, either side is constant, or a spread underflows float64 (below ~1e-154).
+    """
+    out = np.full_like(b.n, np.nan)
+    scale = np.sqrt(b.stt) * np.sqrt(b.spp)  # 0 also if |deviations| < 1e-154 underflow
+    ok = (b.n >= 2) & ~b.flat_true & ~b.flat_pred & (scale > 0)
+    np.divide(b.stp, scale, out=out, where=ok)
+    return np.clip(out, -1.0, 1.0, out=out)
+
+
+def _within_threshold(b: _Pairs) -> F64:
+    """#{|e| <= threshold} / n; NaN when empty."""
+    return b.hits / b.n
+
+
+_REGRESSION: dict[str, Callable[[_Pairs], F64]] = {
+    "mse": _mse,
+    "rmse": _rmse,
+    "mae": _mae,
+    "r2": _r2,
+    "pearson_r": _pearson_r,
+    "within_threshold": _within_threshold,
+}
+REGRESSION_METRICS: tuple[str, ...] = tuple(_REGRESSION)
+
+
+def regression_summary(y_true: F64, y_pred: F64, valid: Bools, threshold: float
+                       ) -> dict[str, F64]:
+    """Regression metrics per row of (y_true, y_pred) pairs; empty rows give NaN everywhere."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    mask = _check_block(valid, t, p)
+    with np.errstate(all="ignore"):
+        return _run_table(_REGRESSION, _regression_blocks(t, p, mask, float(threshold)),
+                          mask.shape[0])
