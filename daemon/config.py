@@ -63,6 +63,7 @@ class Settings:
     stats_interval: float = 30.0
     partitions: int = 8
     max_records: int = 50_000
+    shutdown_timeout: float = 15.0
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     instance: str = ""
 
@@ -78,6 +79,7 @@ class Settings:
         _check(self.profile_interval > 0, f"profile-interval must be > 0, got {self.profile_interval}")
         _check(self.stats_interval > 0, f"stats-interval must be > 0, got {self.stats_interval}")
         _check(self.partitions >= 1, f"partitions must be >= 1, got {self.partitions}")
+        _check(self.shutdown_timeout > 0, f"shutdown-timeout must be > 0, got {self.shutdown_timeout}")
         _check(self.max_records >= 1, f"max-records must be >= 1, got {self.max_records}")
 
 

@@ -36,16 +36,18 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
+        renderer: structlog.types.Processor = structlog.processors.JSONRenderer(
+            serializer=orjson.dumps
+        )
         structlog.configure(
             cache_logger_on_first_use=True,
             wrapper_class=structlog.make_filtering_bound_logger(numeric),
-            processors=[
-                *shared,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
-            ],
+            processors=[*shared, structlog.processors.format_exc_info, renderer],
             logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
         )
+        # The stdlib loggers of libraries (aiokafka) render through the same JSON renderer, with
+        # orjson's bytes decoded because logging handlers write text.
+        foreign = structlog.processors.JSONRenderer(serializer=_dumps_text)
     else:
         structlog.configure(
             cache_logger_on_first_use=True,
@@ -53,6 +55,22 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
             processors=[*shared, structlog.dev.ConsoleRenderer()],
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         )
+        foreign = structlog.dev.ConsoleRenderer()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, foreign],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Library chatter below WARNING (aiokafka's INFO about every rebalance step) stays out.
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+def _dumps_text(obj: object, **_: object) -> str:
+    return orjson.dumps(obj).decode()
 
 
 class RateLimiter:

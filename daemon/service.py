@@ -1,0 +1,302 @@
+"""The asyncio shell: consume -> decode -> monitor -> publish -> commit.
+
+Lifecycle (one readable loop, arq style): ``run(settings, stop)`` creates the topics, starts the
+producer and the group consumer, then loops until ``stop`` is set:
+
+1. ``getmany`` a batch (waiting at most until the next tick), decode each record; bad records
+   become dead letters (reason, counter, rate-limited warning, original bytes) and their offsets
+   advance like any other.
+2. ``monitor.ingest`` per partition; remember the next offset of every partition consumed.
+3. At each tick (every ``interval`` seconds, scheduled on a fixed grid so it does not drift):
+   ``monitor.due(now)``, publish every summary, wait until the broker acknowledged them and the
+   dead letters sent since the previous tick, then commit the offsets remembered before the tick.
+   A publish that fails keeps its records for the next tick and holds the commit back.
+
+At-least-once: after a crash, records after the last commit are consumed again, so a consumer of
+the summary topic may see a summary twice; ``id`` (run, stream, window, seq) de-duplicates.
+
+Shutdown (SIGTERM/SIGINT set ``stop``): a final tick, flush, commit, then the clients stop in
+reverse order of start-up, and one ``stopped`` line with the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from daemon import kafka
+from daemon.config import Settings
+from daemon.events import Decoder, Event, InvalidEvent, dead_letter, encode
+from daemon.logs import RateLimiter
+from daemon.monitor import Monitor
+from daemon.profiler import Profiler
+
+__all__ = ["Counters", "Service", "run"]
+
+log = structlog.get_logger(__name__)
+
+_Pending = tuple[str, bytes | None, bytes]  # topic, key, value
+
+
+@dataclass
+class Counters:
+    """What the service did, for the ``stats`` and ``stopped`` log lines."""
+
+    records: int = 0
+    events: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    summaries: int = 0
+    dead_letters: int = 0
+    profiles: int = 0
+    publish_failures: int = 0
+    commits: int = 0
+    ticks: int = 0
+
+
+class Service:
+    """One daemon instance: the Kafka clients around a :class:`Monitor`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.profiler = Profiler()
+        self.monitor = Monitor(settings.monitor, self.profiler)
+        self.decoder = Decoder(
+            max_array=settings.monitor.max_array, max_classes=settings.monitor.max_classes
+        )
+        self.counters = Counters()
+        self._warnings = RateLimiter(period=10.0)
+        self._consumed: dict[kafka.TopicPartition, int] = {}
+        self._unacked: list[_Pending] = []  # records whose publish failed: retried first
+        self._in_flight: list[tuple[_Pending, asyncio.Future[Any]]] = []
+        self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._last_tick_ms = 0.0
+        self.assigned: set[kafka.TopicPartition] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        created = await kafka.ensure_topics(
+            s.bootstrap_servers,
+            {s.input_topic: s.partitions, s.output_topic: s.partitions, s.dead_letter_topic: s.partitions},
+        )
+        log.info("topics_ready", created=created, input=s.input_topic, output=s.output_topic,
+                 dead_letter=s.dead_letter_topic)
+        self._producer = kafka.producer(s.bootstrap_servers)
+        await self._producer.start()
+        try:
+            self._consumer = kafka.consumer(s.bootstrap_servers, s.group_id)
+            await self._consumer.start()
+            try:
+                self._consumer.subscribe(
+                    [s.input_topic], listener=kafka.Partitions(self._revoked, self._assigned)
+                )
+                log.info("started", instance=self.instance, group_id=s.group_id,
+                         interval=s.interval, window=s.monitor.window,
+                         time_windows=list(s.monitor.time_windows))
+                await self._loop(stop)
+            finally:
+                await self._bounded(self._final_tick(), "final_flush")
+                await self._bounded(self._consumer.stop(), "consumer_stop")
+        finally:
+            await self._bounded(self._producer.stop(), "producer_stop")
+            c = self.counters
+            log.info("stopped", records=c.records, events=c.events, invalid=sum(c.invalid.values()),
+                     summaries=c.summaries, dead_letters=c.dead_letters, commits=c.commits,
+                     ticks=c.ticks, publish_failures=c.publish_failures,
+                     runs_tracked=self.monitor.runs_tracked)
+
+    async def _bounded(self, step: Coroutine[Any, Any, None], name: str) -> None:
+        """A shutdown step that may not hang the exit when the broker is gone."""
+        try:
+            await asyncio.wait_for(step, self.settings.shutdown_timeout)
+        except TimeoutError:
+            log.error("shutdown_step_timed_out", step=name, timeout=self.settings.shutdown_timeout,
+                      unacked=len(self._unacked) + len(self._in_flight))
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        clock = asyncio.get_running_loop().time
+        start = clock()
+        next_tick = start + s.interval
+        next_profile = start + s.profile_interval
+        next_stats = start + s.stats_interval
+        stats_mark = (start, 0)
+        while not stop.is_set():
+            wait = max(0.0, min(next_tick - clock(), 0.5))
+            batch = await self._consumer.getmany(
+                timeout_ms=int(wait * 1000), max_records=s.max_records
+            )
+            if batch:
+                await self._consume(batch)
+            now_mono = clock()
+            if now_mono >= next_tick:
+                await self.tick()
+                # Fixed grid: skip missed ticks rather than drifting or bunching up.
+                next_tick += s.interval * (1 + int((now_mono - next_tick) // s.interval))
+            if now_mono >= next_profile:
+                await self._publish_profile(s.profile_interval)
+                next_profile += s.profile_interval * (1 + int((now_mono - next_profile) // s.profile_interval))
+            if now_mono >= next_stats:
+                stats_mark = self._log_stats(stats_mark, now_mono)
+                next_stats += s.stats_interval * (1 + int((now_mono - next_stats) // s.stats_interval))
+
+    async def _final_tick(self) -> None:
+        try:
+            await self.tick()
+            await self._publish_profile(self.settings.profile_interval)
+            await self._settle()
+        except kafka.KafkaError as exc:
+            log.error("final_flush_failed", error=str(exc))
+
+    # -- consume ---------------------------------------------------------------------------
+    async def _consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
+        decode = self.decoder.decode
+        now = time.time()
+        for tp, records in batch.items():
+            events: list[Event] = []
+            bad: list[tuple[InvalidEvent, kafka.ConsumerRecord]] = []
+            with self.profiler.profile_operation("decode", "ingest"):
+                for record in records:
+                    try:
+                        events.append(decode(record.key, record.value))
+                    except InvalidEvent as exc:
+                        bad.append((exc, record))
+            self.monitor.ingest(events, now, tp.partition)
+            self.counters.records += len(records)
+            self.counters.events += len(events)
+            for exc, record in bad:
+                await self._dead_letter(exc, record, now)
+            self._consumed[tp] = records[-1].offset + 1
+
+    async def _dead_letter(self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float) -> None:
+        self.counters.invalid[exc.reason] += 1
+        body = dead_letter(
+            exc, topic=record.topic, partition=record.partition, offset=record.offset,
+            timestamp_ms=record.timestamp, key=record.key, value=record.value, emitted_at=now,
+        )
+        await self._send((self.settings.dead_letter_topic, record.key, encode(body)))
+        self.counters.dead_letters += 1
+        suppressed = self._warnings.allow(exc.reason)
+        if suppressed is not None:
+            log.warning("dead_letter", reason=exc.reason, detail=exc.detail,
+                        partition=record.partition, offset=record.offset, suppressed=suppressed)
+
+    # -- publish ---------------------------------------------------------------------------
+    async def _send(self, item: _Pending) -> None:
+        topic, key, value = item
+        try:
+            future = await self._producer.send(topic, value, key=key)
+        except kafka.KafkaError as exc:
+            self._unacked.append(item)
+            self.counters.publish_failures += 1
+            log.error("publish_failed", topic=topic, error=str(exc))
+            return
+        self._in_flight.append((item, future))
+
+    async def _settle(self) -> bool:
+        """Wait for every record in flight; failed ones go back to the retry list. True if all acked."""
+        in_flight, self._in_flight = self._in_flight, []
+        if not in_flight:
+            return not self._unacked
+        results = await asyncio.gather(*(f for _, f in in_flight), return_exceptions=True)
+        failed = [item for (item, _), r in zip(in_flight, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            self._unacked.extend(failed)
+            self.counters.publish_failures += len(failed)
+            first = next(r for r in results if isinstance(r, BaseException))
+            log.error("publish_failed", records=len(failed), error=str(first))
+        return not self._unacked
+
+    async def tick(self) -> None:
+        """Publish the due summaries, wait for the acks, then commit what they cover."""
+        async with self._lock:
+            await self._tick()
+
+    async def _tick(self) -> None:
+        with self.profiler.profile_operation("tick", "tick"):
+            positions = dict(self._consumed)
+            records = self.monitor.due(time.time())
+            retry, self._unacked = self._unacked, []
+            with self.profiler.profile_operation("publish", "publish"):
+                for item in retry:
+                    await self._send(item)
+                output = self.settings.output_topic
+                for record in records:
+                    await self._send((output, record["run_id"].encode(), encode(record)))
+                self.counters.summaries += len(records)
+                acked = await self._settle()
+            if acked and positions:
+                await self._commit(positions)
+        self.counters.ticks += 1
+
+    async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
+        owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
+        if not owned:
+            return
+        try:
+            await self._consumer.commit({tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()})
+            self.counters.commits += 1
+        except kafka.KafkaError as exc:
+            # A rebalance in progress: the new owner re-reads from the last commit (at-least-once).
+            log.warning("commit_failed", error=str(exc))
+
+    async def _publish_profile(self, interval: float) -> None:
+        body = self.profiler.report(interval)
+        record = {"type": "profile", "schema_version": 1, "instance": self.instance,
+                  "emitted_at": time.time(), **body}
+        log.info("profile", ticks=body["ticks"], tick_ms=body["tick_ms"],
+                 overhead_fraction=body["overhead_fraction"],
+                 operations={op["name"]: {"count": op["count"], "mean_us": round(op["mean_us"], 1),
+                                          "p99_us": round(op["p99_us"], 1)}
+                             for op in body["operations"]})
+        async with self._lock:
+            await self._send((self.settings.output_topic, self.instance.encode(), encode(record)))
+        self.counters.profiles += 1
+
+    def _log_stats(self, mark: tuple[float, int], now: float) -> tuple[float, int]:
+        since, events_before = mark
+        c = self.counters
+        lag = 0
+        for tp, position in self._consumed.items():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                lag += max(0, high - position)
+        log.info("stats", events_per_s=round((c.events - events_before) / max(now - since, 1e-9), 1),
+                 events=c.events, invalid=sum(c.invalid.values()), invalid_by_reason=dict(c.invalid),
+                 runs_tracked=self.monitor.runs_tracked, partitions=len(self.assigned),
+                 consumer_lag=lag, summaries=c.summaries, publish_failures=c.publish_failures)
+        return now, c.events
+
+    # -- rebalance -------------------------------------------------------------------------
+    async def _revoked(self, revoked: set[kafka.TopicPartition]) -> None:
+        """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
+        async with self._lock:
+            await self._tick()
+            released = self.monitor.release_partitions((tp.partition for tp in revoked), time.time())
+            for record in released:  # dirty data was published above; this is normally empty
+                await self._send((self.settings.output_topic, record["run_id"].encode(), encode(record)))
+            await self._settle()
+            for tp in revoked:
+                self._consumed.pop(tp, None)
+            self.assigned -= revoked
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def _assigned(self, assigned: set[kafka.TopicPartition]) -> None:
+        self.assigned |= assigned
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run one daemon until ``stop`` is set."""
+    await Service(settings).run(stop)
