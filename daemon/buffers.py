@@ -20,7 +20,8 @@ mask of a row is ``arange(width) < count``. Order inside a window does not matte
 
 Operations and their cost:
 - ``allocate()`` / ``release(row)``: O(1) via a free list; the arrays double when full.
-- ``append(row, values, ts)``: one or two slice assignments per channel (wraps at most once), however
+- ``append(row, values, ts)``: one or two slice assignments per channel (wraps at most once),
+  however
   many values arrive; a write longer than the row keeps only the newest ``width`` values.
 - ``valid(rows)``, ``arrival_order(rows)``: vectorised over the selected rows.
 - ``snapshot(row)`` / ``restore(row, snap)``: plain arrays in slot order, so state can be persisted.
@@ -88,7 +89,10 @@ class RingBank:
     def nbytes(self) -> int:
         """Bytes held by the window arrays (values and timestamps plus per-row counters)."""
         return int(
-            self.values.nbytes + self.ts.nbytes + self.count.nbytes + self.head.nbytes
+            self.values.nbytes
+            + self.ts.nbytes
+            + self.count.nbytes
+            + self.head.nbytes
             + self.total.nbytes
         )
 

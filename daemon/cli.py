@@ -18,7 +18,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
-import structlog
 
 from daemon import logs
 from daemon.config import ConfigError, MonitorSettings, Settings, SimulateSettings
@@ -41,58 +40,140 @@ def _time_windows(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, *, default: Any, type: Callable[[str], Any],
-         help: str, **kwargs: Any) -> None:
+def _add(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any,
+    type: Callable[[str], Any],
+    help: str,
+    **kwargs: Any,
+) -> None:
     """Add ``flag`` with its default taken from ``METRICSD_<FLAG>`` when that is set."""
     env = os.environ.get(env_name(flag))
     value = type(env) if env is not None else default
-    parser.add_argument(flag, default=value, type=type, help=f"{help} [env {env_name(flag)}; default: %(default)s]",
-                        **kwargs)
+    parser.add_argument(
+        flag,
+        default=value,
+        type=type,
+        help=f"{help} [env {env_name(flag)}; default: %(default)s]",
+        **kwargs,
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--bootstrap-servers", default="localhost:9092", type=str,
-         help="Kafka bootstrap servers, host:port[,host:port]")
-    _add(parser, "--input-topic", default="training.events", type=str, help="topic of training events")
-    _add(parser, "--partitions", default=8, type=int, help="partitions of topics created by metricsd")
+    _add(
+        parser,
+        "--bootstrap-servers",
+        default="localhost:9092",
+        type=str,
+        help="Kafka bootstrap servers, host:port[,host:port]",
+    )
+    _add(
+        parser,
+        "--input-topic",
+        default="training.events",
+        type=str,
+        help="topic of training events",
+    )
+    _add(
+        parser, "--partitions", default=8, type=int, help="partitions of topics created by metricsd"
+    )
     _add(parser, "--log-level", default="INFO", type=str, help="DEBUG, INFO, WARNING or ERROR")
-    _add(parser, "--log-format", default="auto", type=str, choices=("auto", "json", "console"),
-         help="auto: console on a TTY, JSON lines otherwise")
+    _add(
+        parser,
+        "--log-format",
+        default="auto",
+        type=str,
+        choices=("auto", "json", "console"),
+        help="auto: console on a TTY, JSON lines otherwise",
+    )
 
 
 def _run_options(parser: argparse.ArgumentParser, *, interval: float) -> None:
-    _add(parser, "--output-topic", default="training.summaries", type=str,
-         help="topic of summary and profile records")
-    _add(parser, "--dead-letter-topic", default="", type=str,
-         help="topic of rejected input (default: <input-topic>.dlq)")
+    _add(
+        parser,
+        "--output-topic",
+        default="training.summaries",
+        type=str,
+        help="topic of summary and profile records",
+    )
+    _add(
+        parser,
+        "--dead-letter-topic",
+        default="",
+        type=str,
+        help="topic of rejected input (default: <input-topic>.dlq)",
+    )
     _add(parser, "--group-id", default="metricsd", type=str, help="consumer group")
     _add(parser, "--interval", default=interval, type=float, help="seconds between ticks")
-    _add(parser, "--window", default=1000, type=int, help="count window: the newest N values per stream")
+    _add(
+        parser,
+        "--window",
+        default=1000,
+        type=int,
+        help="count window: the newest N values per stream",
+    )
     env = os.environ.get(env_name("--time-window"))
     parser.add_argument(
-        "--time-window", action="append", type=_time_windows, default=None,
+        "--time-window",
+        action="append",
+        type=_time_windows,
+        default=None,
         help="time window over event time in seconds; repeatable; 0 disables time windows "
-             f"[env {env_name('--time-window')} comma-separated; default: 60 and 300]",
+        f"[env {env_name('--time-window')} comma-separated; default: 60 and 300]",
     )
     parser.set_defaults(time_window_env=_time_windows(env) if env is not None else None)
-    _add(parser, "--profile-interval", default=60.0, type=float,
-         help="seconds between profile records and log lines")
-    _add(parser, "--shutdown-timeout", default=15.0, type=float,
-         help="seconds each shutdown step (final flush, client stops) may take before giving up")
-    _add(parser, "--stats-interval", default=30.0, type=float, help="seconds between stats log lines")
-    _add(parser, "--threshold", default=0.1, type=float,
-         help="regression: |y_true - y_pred| <= threshold counts as within threshold")
-    _add(parser, "--max-array", default=10_000, type=int,
-         help="longest array accepted in one event (longer: dead-lettered)")
-    _add(parser, "--max-classes", default=1000, type=int,
-         help="multiclass labels must be below this (else dead-lettered)")
+    _add(
+        parser,
+        "--profile-interval",
+        default=60.0,
+        type=float,
+        help="seconds between profile records and log lines",
+    )
+    _add(
+        parser,
+        "--shutdown-timeout",
+        default=15.0,
+        type=float,
+        help="seconds each shutdown step (final flush, client stops) may take before giving up",
+    )
+    _add(
+        parser, "--stats-interval", default=30.0, type=float, help="seconds between stats log lines"
+    )
+    _add(
+        parser,
+        "--threshold",
+        default=0.1,
+        type=float,
+        help="regression: |y_true - y_pred| <= threshold counts as within threshold",
+    )
+    _add(
+        parser,
+        "--max-array",
+        default=10_000,
+        type=int,
+        help="longest array accepted in one event (longer: dead-lettered)",
+    )
+    _add(
+        parser,
+        "--max-classes",
+        default=1000,
+        type=int,
+        help="multiclass labels must be below this (else dead-lettered)",
+    )
 
 
 def _simulate_options(parser: argparse.ArgumentParser, *, runs: int, rate: float) -> None:
     _add(parser, "--runs", default=runs, type=int, help="concurrent simulated training runs")
-    _add(parser, "--rate", default=rate, type=float,
-         help="training steps per second, all runs together (each step emits a batch_time event, "
-              "every 10th a prediction batch, and now and then cv/attention/features)")
+    _add(
+        parser,
+        "--rate",
+        default=rate,
+        type=float,
+        help="training steps per second, all runs together (each step emits a batch_time event, "
+        "every 10th a prediction batch, and now and then cv/attention/features)",
+    )
     _add(parser, "--seed", default=0, type=int, help="random seed")
 
 
@@ -113,8 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="zero-setup demo: embedded broker + daemon + simulated job")
     _add(dev, "--partitions", default=4, type=int, help="partitions of the demo topics")
     _add(dev, "--log-level", default="WARNING", type=str, help="daemon log level during the demo")
-    _add(dev, "--log-format", default="auto", type=str, choices=("auto", "json", "console"),
-         help="auto: console on a TTY, JSON lines otherwise")
+    _add(
+        dev,
+        "--log-format",
+        default="auto",
+        type=str,
+        choices=("auto", "json", "console"),
+        help="auto: console on a TTY, JSON lines otherwise",
+    )
     _add(dev, "--input-topic", default="training.events", type=str, help="topic of training events")
     _run_options(dev, interval=2.0)
     _simulate_options(dev, runs=3, rate=100.0)
@@ -123,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _time_window_setting(args: argparse.Namespace) -> tuple[float, ...]:
-    chosen = args.time_window if args.time_window is not None else (
-        [args.time_window_env] if args.time_window_env is not None else [[60.0, 300.0]]
+    chosen = (
+        args.time_window
+        if args.time_window is not None
+        else ([args.time_window_env] if args.time_window_env is not None else [[60.0, 300.0]])
     )
     flat = [t for group in chosen for t in group]
     if flat == [0.0]:
@@ -135,16 +224,24 @@ def _time_window_setting(args: argparse.Namespace) -> tuple[float, ...]:
 def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
     """The validated :class:`Settings` of a parsed ``run``/``dev`` command line."""
     monitor = MonitorSettings(
-        window=args.window, time_windows=_time_window_setting(args), threshold=args.threshold,
-        max_array=args.max_array, max_classes=args.max_classes,
+        window=args.window,
+        time_windows=_time_window_setting(args),
+        threshold=args.threshold,
+        max_array=args.max_array,
+        max_classes=args.max_classes,
     )
     fields: dict[str, Any] = {
         "bootstrap_servers": getattr(args, "bootstrap_servers", "localhost:9092"),
-        "input_topic": args.input_topic, "output_topic": args.output_topic,
-        "dead_letter_topic": args.dead_letter_topic, "group_id": args.group_id,
-        "interval": args.interval, "profile_interval": args.profile_interval,
-        "stats_interval": args.stats_interval, "shutdown_timeout": args.shutdown_timeout,
-        "partitions": args.partitions, "monitor": monitor,
+        "input_topic": args.input_topic,
+        "output_topic": args.output_topic,
+        "dead_letter_topic": args.dead_letter_topic,
+        "group_id": args.group_id,
+        "interval": args.interval,
+        "profile_interval": args.profile_interval,
+        "stats_interval": args.stats_interval,
+        "shutdown_timeout": args.shutdown_timeout,
+        "partitions": args.partitions,
+        "monitor": monitor,
     }
     fields.update(overrides)
     return Settings(**fields)
@@ -153,8 +250,12 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 def simulate_settings_from(args: argparse.Namespace, **overrides: Any) -> SimulateSettings:
     fields: dict[str, Any] = {
         "bootstrap_servers": getattr(args, "bootstrap_servers", "localhost:9092"),
-        "input_topic": args.input_topic, "runs": args.runs, "rate": args.rate,
-        "duration": args.duration, "seed": args.seed, "partitions": args.partitions,
+        "input_topic": args.input_topic,
+        "runs": args.runs,
+        "rate": args.rate,
+        "duration": args.duration,
+        "seed": args.seed,
+        "partitions": args.partitions,
     }
     fields.update(overrides)
     return SimulateSettings(**fields)
@@ -191,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _run_until_signal(lambda stop: simulate.produce(sim, stop))
         else:
-            settings_from(args, bootstrap_servers="127.0.0.1:1")  # validate before starting anything
+            settings_from(
+                args, bootstrap_servers="127.0.0.1:1"
+            )  # validate before starting anything
             logs.configure(args.log_level, args.log_format)
             _run_until_signal(lambda stop: _dev(args, stop))
     except ConfigError as exc:
@@ -208,24 +311,36 @@ async def _dev(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
     out = sys.stdout
     with DevBroker() as broker:
-        print(f"metricsd dev: embedded Tansu broker on {broker.bootstrap} (pid {broker.pid})", file=out)
+        print(
+            f"metricsd dev: embedded Tansu broker on {broker.bootstrap} (pid {broker.pid})",
+            file=out,
+        )
         settings = settings_from(args, bootstrap_servers=broker.bootstrap)
         sim = simulate_settings_from(args, bootstrap_servers=broker.bootstrap, duration=0.0)
-        await kafka.ensure_topics(broker.bootstrap, {
-            settings.input_topic: settings.partitions, settings.output_topic: settings.partitions,
-            settings.dead_letter_topic: settings.partitions,
-        })
+        await kafka.ensure_topics(
+            broker.bootstrap,
+            {
+                settings.input_topic: settings.partitions,
+                settings.output_topic: settings.partitions,
+                settings.dead_letter_topic: settings.partitions,
+            },
+        )
         daemon_stop, sim_stop = asyncio.Event(), asyncio.Event()
         tasks = [
             asyncio.create_task(service.run(settings, daemon_stop), name="daemon"),
             asyncio.create_task(simulate.produce(sim, sim_stop), name="simulator"),
             asyncio.create_task(_print_summaries(broker.bootstrap, settings, out), name="printer"),
         ]
-        print(f"metricsd dev: {args.runs} simulated runs at {args.rate:g} steps/s; summaries every "
-              f"{args.interval:g} s from topic {settings.output_topic!r}; Ctrl-C to stop", file=out)
+        print(
+            f"metricsd dev: {args.runs} simulated runs at {args.rate:g} steps/s; summaries every "
+            f"{args.interval:g} s from topic {settings.output_topic!r}; Ctrl-C to stop",
+            file=out,
+        )
         waiter = asyncio.create_task(stop.wait())
         timeout = args.duration or None
-        done, _ = await asyncio.wait([waiter, *tasks], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [waiter, *tasks], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         for task in done:
             if task is not waiter and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -273,8 +388,10 @@ def _describe(record: dict[str, Any]) -> str | None:
     if record.get("type") == "profile":
         ops = sorted(record["operations"], key=lambda op: -op["total_us"])[:4]
         top = ", ".join(f"{op['name']} p50={_fmt(op['p50_us'])}us" for op in ops)
-        return (f"[profile] ticks={record['ticks']} tick_p50_ms={_fmt(record['tick_ms']['p50'])} "
-                f"overhead={_fmt(record['overhead_fraction'])} | {top}")
+        return (
+            f"[profile] ticks={record['ticks']} tick_p50_ms={_fmt(record['tick_ms']['p50'])} "
+            f"overhead={_fmt(record['overhead_fraction'])} | {top}"
+        )
     if record.get("type") != "summary" or record["window"]["kind"] != "count":
         return None
     m = record["metrics"]
@@ -282,16 +399,22 @@ def _describe(record: dict[str, Any]) -> str | None:
     if stream == "batch_time":
         body = " ".join(f"{k}={_fmt(m[k])}" for k in ("mean", "p95", "p99", "cv", "skewness"))
     elif "task" in record:
-        keys = {"binary": ("accuracy", "precision", "recall", "f1"),
-                "multiclass": ("accuracy", "f1_macro", "f1_weighted"),
-                "regression": ("rmse", "mae", "r2", "pearson_r")}[record["task"]]
+        keys = {
+            "binary": ("accuracy", "precision", "recall", "f1"),
+            "multiclass": ("accuracy", "f1_macro", "f1_weighted"),
+            "regression": ("rmse", "mae", "r2", "pearson_r"),
+        }[record["task"]]
         body = f"{record['task']}: " + " ".join(f"{k}={_fmt(m[k])}" for k in keys)
     elif stream == "cv":
-        body = " ".join(f"{k}={_fmt(m[k])}" for k in ("folds", "mean_val_loss", "train_val_gap",
-                                                      "overfitting_ratio"))
+        body = " ".join(
+            f"{k}={_fmt(m[k])}"
+            for k in ("folds", "mean_val_loss", "train_val_gap", "overfitting_ratio")
+        )
     elif stream == "attention":
-        body = (f"concentration mean={_fmt(m['concentration']['mean'])} entropy mean="
-                f"{_fmt(m['entropy']['mean'])} top={m['latest']['top_attention_positions']}")
+        body = (
+            f"concentration mean={_fmt(m['concentration']['mean'])} entropy mean="
+            f"{_fmt(m['entropy']['mean'])} top={m['latest']['top_attention_positions']}"
+        )
     else:
         body = " ".join(f"{k} mean={_fmt(m[k]['mean'])}" for k in ("mean", "sparsity", "l2_norm"))
     final = " FINAL" if record["final"] else ""

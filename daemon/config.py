@@ -76,10 +76,14 @@ class Settings:
         topics = {self.input_topic, self.output_topic, self.dead_letter_topic}
         _check(len(topics) == 3, "input, output and dead-letter topics must all differ")
         _check(self.interval > 0, f"interval must be > 0, got {self.interval}")
-        _check(self.profile_interval > 0, f"profile-interval must be > 0, got {self.profile_interval}")
+        _check(
+            self.profile_interval > 0, f"profile-interval must be > 0, got {self.profile_interval}"
+        )
         _check(self.stats_interval > 0, f"stats-interval must be > 0, got {self.stats_interval}")
         _check(self.partitions >= 1, f"partitions must be >= 1, got {self.partitions}")
-        _check(self.shutdown_timeout > 0, f"shutdown-timeout must be > 0, got {self.shutdown_timeout}")
+        _check(
+            self.shutdown_timeout > 0, f"shutdown-timeout must be > 0, got {self.shutdown_timeout}"
+        )
         _check(self.max_records >= 1, f"max-records must be >= 1, got {self.max_records}")
 
 

@@ -73,7 +73,7 @@ async def ensure_topics(
 
 
 def producer(bootstrap_servers: str, **options: Any) -> AIOKafkaProducer:
-    """A producer that waits for all in-sync replicas (summaries and dead letters must not vanish)."""
+    """A producer waiting for all in-sync replicas (summaries and dead letters must not vanish)."""
     settings: dict[str, Any] = {"acks": "all", "linger_ms": 5, "max_batch_size": 256 * 1024}
     settings.update(options)
     return AIOKafkaProducer(bootstrap_servers=bootstrap_servers, **settings)

@@ -77,7 +77,9 @@ def _rows_of(columns: dict[str, FloatArray], ints: Iterable[str] = ()) -> list[R
 def _nested(per_channel: dict[str, list[Record]]) -> list[Record]:
     """{"a": [row dicts], "b": [row dicts]} -> [{"a": row dict, "b": row dict}, ...]."""
     names = list(per_channel)
-    return [dict(zip(names, values, strict=True)) for values in zip(*per_channel.values(), strict=True)]
+    return [
+        dict(zip(names, values, strict=True)) for values in zip(*per_channel.values(), strict=True)
+    ]
 
 
 @dataclass(eq=False)
@@ -146,9 +148,7 @@ class _PerEvent(_Kind):
         per_channel = {}
         for c, figure in enumerate(self.figures):
             result = stats.numeric_summary(values[c], mask)
-            per_channel[figure] = _rows_of(
-                {k: result[k] for k in _WINDOW_STATS}, ints=("count",)
-            )
+            per_channel[figure] = _rows_of({k: result[k] for k in _WINDOW_STATS}, ints=("count",))
         return _nested(per_channel)
 
 
@@ -187,11 +187,18 @@ class Monitor:
         self._attention = _PerEvent("attention", 2, w, figures=_ATTENTION_FIGURES)
         self._features = _PerEvent("features", 3, w, figures=_FEATURE_FIGURES)
         self._kinds: list[_Kind] = [
-            self._batch_time, self._binary, self._multiclass, self._regression,
-            self._cv, self._attention, self._features,
+            self._batch_time,
+            self._binary,
+            self._multiclass,
+            self._regression,
+            self._cv,
+            self._attention,
+            self._features,
         ]
         self._prediction_kinds = {
-            "binary": self._binary, "multiclass": self._multiclass, "regression": self._regression,
+            "binary": self._binary,
+            "multiclass": self._multiclass,
+            "regression": self._regression,
         }
         self._rows: dict[tuple[str, str], _Row] = {}
         self._runs: dict[str, list[_Row]] = {}
@@ -277,7 +284,9 @@ class Monitor:
         self.events_ingested += len(events)
         self.values_ingested += values
 
-    def _row(self, run_id: str, stream: str, kind: _Kind, partition: int, task: str | None = None) -> _Row:
+    def _row(
+        self, run_id: str, stream: str, kind: _Kind, partition: int, task: str | None = None
+    ) -> _Row:
         ref = self._rows.get((run_id, stream))
         if ref is not None and ref.kind is kind:
             return ref
@@ -381,7 +390,7 @@ class Monitor:
         return records
 
     def end_run(self, run_id: str, now: float) -> None:
-        """The run's final summaries (``final: true``, all its streams) queue for ``due``; its rows are freed."""
+        """Queue the run's final summaries (``final: true``) for ``due``; free its rows."""
         refs = self._runs.get(run_id)
         if not refs:
             return
@@ -467,9 +476,18 @@ class Monitor:
         records: list[Record] = []
         for c in computed:
             window, per_row, counts, first, last, truncated = (
-                c.window, c.per_row, c.counts, c.first, c.last, c.truncated
+                c.window,
+                c.per_row,
+                c.counts,
+                c.first,
+                c.last,
+                c.truncated,
             )
-            tag = f"count:{window['size']}" if window["kind"] == "count" else f"time:{window['seconds']:g}"
+            tag = (
+                f"count:{window['size']}"
+                if window["kind"] == "count"
+                else f"time:{window['seconds']:g}"
+            )
             counts_l = counts.tolist()
             first_l = np.where(np.isfinite(first), first, np.nan).tolist()
             last_l = np.where(np.isfinite(last), last, np.nan).tolist()

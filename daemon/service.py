@@ -88,10 +88,19 @@ class Service:
         s = self.settings
         created = await kafka.ensure_topics(
             s.bootstrap_servers,
-            {s.input_topic: s.partitions, s.output_topic: s.partitions, s.dead_letter_topic: s.partitions},
+            {
+                s.input_topic: s.partitions,
+                s.output_topic: s.partitions,
+                s.dead_letter_topic: s.partitions,
+            },
         )
-        log.info("topics_ready", created=created, input=s.input_topic, output=s.output_topic,
-                 dead_letter=s.dead_letter_topic)
+        log.info(
+            "topics_ready",
+            created=created,
+            input=s.input_topic,
+            output=s.output_topic,
+            dead_letter=s.dead_letter_topic,
+        )
         self._producer = kafka.producer(s.bootstrap_servers)
         await self._producer.start()
         try:
@@ -101,9 +110,14 @@ class Service:
                 self._consumer.subscribe(
                     [s.input_topic], listener=kafka.Partitions(self._revoked, self._assigned)
                 )
-                log.info("started", instance=self.instance, group_id=s.group_id,
-                         interval=s.interval, window=s.monitor.window,
-                         time_windows=list(s.monitor.time_windows))
+                log.info(
+                    "started",
+                    instance=self.instance,
+                    group_id=s.group_id,
+                    interval=s.interval,
+                    window=s.monitor.window,
+                    time_windows=list(s.monitor.time_windows),
+                )
                 await self._loop(stop)
             finally:
                 await self._bounded(self._final_tick(), "final_flush")
@@ -111,18 +125,30 @@ class Service:
         finally:
             await self._bounded(self._producer.stop(), "producer_stop")
             c = self.counters
-            log.info("stopped", records=c.records, events=c.events, invalid=sum(c.invalid.values()),
-                     summaries=c.summaries, dead_letters=c.dead_letters, commits=c.commits,
-                     ticks=c.ticks, publish_failures=c.publish_failures,
-                     runs_tracked=self.monitor.runs_tracked)
+            log.info(
+                "stopped",
+                records=c.records,
+                events=c.events,
+                invalid=sum(c.invalid.values()),
+                summaries=c.summaries,
+                dead_letters=c.dead_letters,
+                commits=c.commits,
+                ticks=c.ticks,
+                publish_failures=c.publish_failures,
+                runs_tracked=self.monitor.runs_tracked,
+            )
 
     async def _bounded(self, step: Coroutine[Any, Any, None], name: str) -> None:
         """A shutdown step that may not hang the exit when the broker is gone."""
         try:
             await asyncio.wait_for(step, self.settings.shutdown_timeout)
         except TimeoutError:
-            log.error("shutdown_step_timed_out", step=name, timeout=self.settings.shutdown_timeout,
-                      unacked=len(self._unacked) + len(self._in_flight))
+            log.error(
+                "shutdown_step_timed_out",
+                step=name,
+                timeout=self.settings.shutdown_timeout,
+                unacked=len(self._unacked) + len(self._in_flight),
+            )
 
     async def _loop(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -146,10 +172,14 @@ class Service:
                 next_tick += s.interval * (1 + int((now_mono - next_tick) // s.interval))
             if now_mono >= next_profile:
                 await self._publish_profile(s.profile_interval)
-                next_profile += s.profile_interval * (1 + int((now_mono - next_profile) // s.profile_interval))
+                next_profile += s.profile_interval * (
+                    1 + int((now_mono - next_profile) // s.profile_interval)
+                )
             if now_mono >= next_stats:
                 stats_mark = self._log_stats(stats_mark, now_mono)
-                next_stats += s.stats_interval * (1 + int((now_mono - next_stats) // s.stats_interval))
+                next_stats += s.stats_interval * (
+                    1 + int((now_mono - next_stats) // s.stats_interval)
+                )
 
     async def _final_tick(self) -> None:
         try:
@@ -179,18 +209,32 @@ class Service:
                 await self._dead_letter(exc, record, now)
             self._consumed[tp] = records[-1].offset + 1
 
-    async def _dead_letter(self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float) -> None:
+    async def _dead_letter(
+        self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
+    ) -> None:
         self.counters.invalid[exc.reason] += 1
         body = dead_letter(
-            exc, topic=record.topic, partition=record.partition, offset=record.offset,
-            timestamp_ms=record.timestamp, key=record.key, value=record.value, emitted_at=now,
+            exc,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            key=record.key,
+            value=record.value,
+            emitted_at=now,
         )
         await self._send((self.settings.dead_letter_topic, record.key, encode(body)))
         self.counters.dead_letters += 1
         suppressed = self._warnings.allow(exc.reason)
         if suppressed is not None:
-            log.warning("dead_letter", reason=exc.reason, detail=exc.detail,
-                        partition=record.partition, offset=record.offset, suppressed=suppressed)
+            log.warning(
+                "dead_letter",
+                reason=exc.reason,
+                detail=exc.detail,
+                partition=record.partition,
+                offset=record.offset,
+                suppressed=suppressed,
+            )
 
     # -- publish ---------------------------------------------------------------------------
     async def _send(self, item: _Pending) -> None:
@@ -205,12 +249,16 @@ class Service:
         self._in_flight.append((item, future))
 
     async def _settle(self) -> bool:
-        """Wait for every record in flight; failed ones go back to the retry list. True if all acked."""
+        """Await the records in flight; failed ones go back for retry. True if all acked."""
         in_flight, self._in_flight = self._in_flight, []
         if not in_flight:
             return not self._unacked
         results = await asyncio.gather(*(f for _, f in in_flight), return_exceptions=True)
-        failed = [item for (item, _), r in zip(in_flight, results, strict=True) if isinstance(r, BaseException)]
+        failed = [
+            item
+            for (item, _), r in zip(in_flight, results, strict=True)
+            if isinstance(r, BaseException)
+        ]
         if failed:
             self._unacked.extend(failed)
             self.counters.publish_failures += len(failed)
@@ -245,7 +293,9 @@ class Service:
         if not owned:
             return
         try:
-            await self._consumer.commit({tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()})
+            await self._consumer.commit(
+                {tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()}
+            )
             self.counters.commits += 1
         except kafka.KafkaError as exc:
             # A rebalance in progress: the new owner re-reads from the last commit (at-least-once).
@@ -253,13 +303,27 @@ class Service:
 
     async def _publish_profile(self, interval: float) -> None:
         body = self.profiler.report(interval)
-        record = {"type": "profile", "schema_version": 1, "instance": self.instance,
-                  "emitted_at": time.time(), **body}
-        log.info("profile", ticks=body["ticks"], tick_ms=body["tick_ms"],
-                 overhead_fraction=body["overhead_fraction"],
-                 operations={op["name"]: {"count": op["count"], "mean_us": round(op["mean_us"], 1),
-                                          "p99_us": round(op["p99_us"], 1)}
-                             for op in body["operations"]})
+        record = {
+            "type": "profile",
+            "schema_version": 1,
+            "instance": self.instance,
+            "emitted_at": time.time(),
+            **body,
+        }
+        log.info(
+            "profile",
+            ticks=body["ticks"],
+            tick_ms=body["tick_ms"],
+            overhead_fraction=body["overhead_fraction"],
+            operations={
+                op["name"]: {
+                    "count": op["count"],
+                    "mean_us": round(op["mean_us"], 1),
+                    "p99_us": round(op["p99_us"], 1),
+                }
+                for op in body["operations"]
+            },
+        )
         async with self._lock:
             await self._send((self.settings.output_topic, self.instance.encode(), encode(record)))
         self.counters.profiles += 1
@@ -272,10 +336,18 @@ class Service:
             high = self._consumer.highwater(tp)
             if high is not None:
                 lag += max(0, high - position)
-        log.info("stats", events_per_s=round((c.events - events_before) / max(now - since, 1e-9), 1),
-                 events=c.events, invalid=sum(c.invalid.values()), invalid_by_reason=dict(c.invalid),
-                 runs_tracked=self.monitor.runs_tracked, partitions=len(self.assigned),
-                 consumer_lag=lag, summaries=c.summaries, publish_failures=c.publish_failures)
+        log.info(
+            "stats",
+            events_per_s=round((c.events - events_before) / max(now - since, 1e-9), 1),
+            events=c.events,
+            invalid=sum(c.invalid.values()),
+            invalid_by_reason=dict(c.invalid),
+            runs_tracked=self.monitor.runs_tracked,
+            partitions=len(self.assigned),
+            consumer_lag=lag,
+            summaries=c.summaries,
+            publish_failures=c.publish_failures,
+        )
         return now, c.events
 
     # -- rebalance -------------------------------------------------------------------------
@@ -283,9 +355,13 @@ class Service:
         """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
         async with self._lock:
             await self._tick()
-            released = self.monitor.release_partitions((tp.partition for tp in revoked), time.time())
+            released = self.monitor.release_partitions(
+                (tp.partition for tp in revoked), time.time()
+            )
             for record in released:  # dirty data was published above; this is normally empty
-                await self._send((self.settings.output_topic, record["run_id"].encode(), encode(record)))
+                await self._send(
+                    (self.settings.output_topic, record["run_id"].encode(), encode(record))
+                )
             await self._settle()
             for tp in revoked:
                 self._consumed.pop(tp, None)

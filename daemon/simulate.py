@@ -6,8 +6,8 @@ through ``daemon.kafka`` at a steady rate.
 Each run trains for a number of steps: batch times drift slowly with occasional stragglers (a
 data-loader stall), validation prediction batches every few steps get better as training goes on
 (binary, multiclass or regression, by run), and now and then a cross-validation fold, an attention
-matrix and feature vectors arrive. A run that reaches its step budget sends ``run_end`` and a new run
-takes its place.
+matrix and feature vectors arrive. A run that reaches its step budget sends ``run_end`` and a new
+run takes its place.
 """
 
 from __future__ import annotations
@@ -57,27 +57,45 @@ class TrainingJob:
         seconds = self.base_seconds * (1 + 0.1 * np.sin(step / 50)) * rng.lognormal(0, 0.08)
         if rng.random() < 0.01:  # a straggler: data-loader stall
             seconds *= rng.uniform(3, 10)
-        yield {"type": "batch_time", "run_id": run_id, "ts": now, "step": step,
-               "seconds": round(float(seconds), 6)}
+        yield {
+            "type": "batch_time",
+            "run_id": run_id,
+            "ts": now,
+            "step": step,
+            "seconds": round(float(seconds), 6),
+        }
         if step % 10 == 0:
             yield self._prediction(now, progress)
         if step % 200 == 0:
             fold = (step // 200) % 5
             train = float(1.5 * np.exp(-3 * progress) + rng.normal(0, 0.02))
-            yield {"type": "cv_fold", "run_id": run_id, "ts": now, "fold": fold,
-                   "train_loss": round(abs(train), 6),
-                   "val_loss": round(abs(train * rng.uniform(1.05, 1.4)), 6)}
+            yield {
+                "type": "cv_fold",
+                "run_id": run_id,
+                "ts": now,
+                "fold": fold,
+                "train_loss": round(abs(train), 6),
+                "val_loss": round(abs(train * rng.uniform(1.05, 1.4)), 6),
+            }
         if step % 25 == 0:
             logits = rng.normal(0, 1 + 3 * progress, size=(self.heads, self.positions))
             weights = np.exp(logits - logits.max(axis=1, keepdims=True))
             weights /= weights.sum(axis=1, keepdims=True)
-            yield {"type": "attention", "run_id": run_id, "ts": now,
-                   "weights": np.round(weights, 6).tolist()}
+            yield {
+                "type": "attention",
+                "run_id": run_id,
+                "ts": now,
+                "weights": np.round(weights, 6).tolist(),
+            }
         if step % 25 == 5:
             vectors = rng.normal(0, 1, size=(4, self.dims))
             vectors[rng.random(vectors.shape) < 0.3 + 0.4 * progress] = 0.0  # ReLU-like sparsity
-            yield {"type": "features", "run_id": run_id, "ts": now,
-                   "values": np.round(vectors, 6).tolist()}
+            yield {
+                "type": "features",
+                "run_id": run_id,
+                "ts": now,
+                "values": np.round(vectors, 6).tolist(),
+            }
         if self.done:
             yield {"type": "run_end", "run_id": run_id, "ts": now}
 
@@ -94,16 +112,27 @@ class TrainingJob:
             wrong = rng.random(n) > accuracy
             y_pred = np.where(wrong, rng.integers(0, k, n), y_true)
             yt, yp = y_true.tolist(), y_pred.tolist()
-        return {"type": "prediction", "run_id": self.run_id, "ts": now, "task": self.task,
-                "split": "val", "y_true": yt, "y_pred": yp}
+        return {
+            "type": "prediction",
+            "run_id": self.run_id,
+            "ts": now,
+            "task": self.task,
+            "split": "val",
+            "y_true": yt,
+            "y_pred": yp,
+        }
 
 
 async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
     """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set."""
-    await kafka.ensure_topics(settings.bootstrap_servers, {settings.input_topic: settings.partitions})
+    await kafka.ensure_topics(
+        settings.bootstrap_servers, {settings.input_topic: settings.partitions}
+    )
     rng = np.random.default_rng(settings.seed)
-    runs = [TrainingJob(f"run-{settings.seed}-{i}", np.random.default_rng(rng.integers(2**32)))
-            for i in range(settings.runs)]
+    runs = [
+        TrainingJob(f"run-{settings.seed}-{i}", np.random.default_rng(rng.integers(2**32)))
+        for i in range(settings.runs)
+    ]
     next_id = settings.runs
     producer = kafka.producer(settings.bootstrap_servers)
     await producer.start()
@@ -123,12 +152,14 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
                 i = sent % len(runs)
                 job = runs[i]
                 for event in job.events(now):
-                    await producer.send(settings.input_topic, orjson.dumps(event),
-                                        key=job.run_id.encode())
+                    await producer.send(
+                        settings.input_topic, orjson.dumps(event), key=job.run_id.encode()
+                    )
                 sent += 1
                 if job.done:
-                    runs[i] = TrainingJob(f"run-{settings.seed}-{next_id}",
-                                          np.random.default_rng(rng.integers(2**32)))
+                    runs[i] = TrainingJob(
+                        f"run-{settings.seed}-{next_id}", np.random.default_rng(rng.integers(2**32))
+                    )
                     next_id += 1
             await asyncio.sleep(period)
         await producer.flush()

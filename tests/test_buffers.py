@@ -30,7 +30,7 @@ appends = st.lists(
 def test_windows_hold_the_newest_width_values_like_a_list(
     width: int, ops: list[tuple[int, list[float]]]
 ) -> None:
-    """After any sequence of appends each row holds exactly the newest `width` values of a list model."""
+    """After any appends each row holds exactly the newest `width` values of a list model."""
     bank = RingBank(width, channels=2, initial_rows=1)  # also forces growth
     rows = [bank.allocate() for _ in range(4)]
     model: dict[int, list[tuple[float, float, float]]] = {r: [] for r in rows}
@@ -87,7 +87,9 @@ def test_snapshot_restore_round_trip() -> None:
     bank = RingBank(5, channels=2)
     row = bank.allocate()
     for k in range(4):
-        bank.append(row, np.arange(2 * 3, dtype=float).reshape(2, 3) + 10 * k, np.arange(3) + 3.0 * k)
+        bank.append(
+            row, np.arange(2 * 3, dtype=float).reshape(2, 3) + 10 * k, np.arange(3) + 3.0 * k
+        )
     snap = bank.snapshot(row)
     other = RingBank(5, channels=2)
     r2 = other.allocate()

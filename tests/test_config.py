@@ -1,4 +1,4 @@
-"""Settings are validated once, with messages naming the setting; the CLI maps flags and env vars."""
+"""Settings are validated once with messages naming the setting; the CLI maps flags and env."""
 
 from __future__ import annotations
 
@@ -55,8 +55,19 @@ def test_simulate_settings_reject_bad_values() -> None:
 def test_flags_become_settings() -> None:
     """Command-line flags, including repeated time windows, end up in the Settings."""
     args = build_parser().parse_args(
-        ["run", "--bootstrap-servers", "k:1", "--window", "50", "--time-window", "10",
-         "--time-window", "30", "--interval", "0.5"]
+        [
+            "run",
+            "--bootstrap-servers",
+            "k:1",
+            "--window",
+            "50",
+            "--time-window",
+            "10",
+            "--time-window",
+            "30",
+            "--interval",
+            "0.5",
+        ]
     )
     settings = settings_from(args)
     assert settings.bootstrap_servers == "k:1"

@@ -47,13 +47,17 @@ def wire(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [orjson.loads(encode(r)) for r in records]
 
 
-def test_batch_time_count_window_matches_scipy(summary_validator: jsonschema.Draft202012Validator) -> None:
+def test_batch_time_count_window_matches_scipy(
+    summary_validator: jsonschema.Draft202012Validator,
+) -> None:
     """The count window of batch times has scipy/numpy statistics of the newest N values."""
     rng = np.random.default_rng(1)
     seconds = rng.lognormal(-2, 0.3, 250)
     monitor = Monitor(MonitorSettings(window=100, time_windows=()))
-    events = [ev(type="batch_time", run_id="r1", ts=1000.0 + i, step=i, seconds=float(s))
-              for i, s in enumerate(seconds)]
+    events = [
+        ev(type="batch_time", run_id="r1", ts=1000.0 + i, step=i, seconds=float(s))
+        for i, s in enumerate(seconds)
+    ]
     monitor.ingest(events[:120], now=2000.0)
     monitor.ingest(events[120:], now=2000.0)
     records = wire(monitor.due(now=2001.0))
@@ -82,8 +86,13 @@ def test_time_windows_select_by_event_time() -> None:
     """A time window holds the values within T seconds of the stream's newest event time."""
     monitor = Monitor(MonitorSettings(window=1000, time_windows=(10.0, 1000.0)))
     values = np.arange(50, dtype=float)
-    monitor.ingest([ev(type="batch_time", run_id="r", ts=float(i), seconds=float(v))
-                    for i, v in enumerate(values)], now=100.0)
+    monitor.ingest(
+        [
+            ev(type="batch_time", run_id="r", ts=float(i), seconds=float(v))
+            for i, v in enumerate(values)
+        ],
+        now=100.0,
+    )
     windows = by_window(wire(monitor.due(100.0)), "r", "batch_time")
     assert set(windows) == {"count", "time:10", "time:1000"}
     ten = windows["time:10"]
@@ -98,8 +107,9 @@ def test_time_windows_select_by_event_time() -> None:
 def test_time_window_reports_truncation_when_the_buffer_is_too_short() -> None:
     """When the count window evicted values still inside T, the time window says truncated."""
     monitor = Monitor(MonitorSettings(window=5, time_windows=(100.0,)))
-    monitor.ingest([ev(type="batch_time", run_id="r", ts=float(i), seconds=1.0) for i in range(20)],
-                   now=0.0)
+    monitor.ingest(
+        [ev(type="batch_time", run_id="r", ts=float(i), seconds=1.0) for i in range(20)], now=0.0
+    )
     windows = by_window(wire(monitor.due(0.0)), "r", "batch_time")
     assert windows["time:100"]["window"]["truncated"] is True
     assert windows["time:100"]["count"] == 5
@@ -108,8 +118,13 @@ def test_time_window_reports_truncation_when_the_buffer_is_too_short() -> None:
 def test_only_streams_with_new_data_are_summarised_and_seq_advances() -> None:
     """A tick without new data for a stream publishes nothing for it; seq counts its ticks."""
     monitor = Monitor(MonitorSettings(window=10, time_windows=()))
-    monitor.ingest([ev(type="batch_time", run_id="a", seconds=0.1),
-                    ev(type="batch_time", run_id="b", seconds=0.2)], now=1.0)
+    monitor.ingest(
+        [
+            ev(type="batch_time", run_id="a", seconds=0.1),
+            ev(type="batch_time", run_id="b", seconds=0.2),
+        ],
+        now=1.0,
+    )
     assert {r["run_id"] for r in monitor.due(1.0)} == {"a", "b"}
     assert monitor.due(2.0) == []
     monitor.ingest([ev(type="batch_time", run_id="a", seconds=[0.3, 0.4])], now=3.0)
@@ -128,8 +143,19 @@ def test_binary_predictions_match_sklearn() -> None:
         yp = np.where(rng.random(80) < 0.8, yt, 1 - yt)
         yt_all.append(yt)
         yp_all.append(yp)
-        monitor.ingest([ev(type="prediction", run_id="r", ts=float(i), task="binary",
-                           y_true=yt.tolist(), y_pred=yp.tolist())], now=10.0)
+        monitor.ingest(
+            [
+                ev(
+                    type="prediction",
+                    run_id="r",
+                    ts=float(i),
+                    task="binary",
+                    y_true=yt.tolist(),
+                    y_pred=yp.tolist(),
+                )
+            ],
+            now=10.0,
+        )
     rec = wire(monitor.due(10.0))[0]
     yt, yp = np.concatenate(yt_all)[-300:], np.concatenate(yp_all)[-300:]
     m = rec["metrics"]
@@ -142,7 +168,9 @@ def test_binary_predictions_match_sklearn() -> None:
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (tp, fp, fn, tn)
 
 
-def test_multiclass_and_regression_match_sklearn(summary_validator: jsonschema.Draft202012Validator) -> None:
+def test_multiclass_and_regression_match_sklearn(
+    summary_validator: jsonschema.Draft202012Validator,
+) -> None:
     """Multiclass and regression streams of one run match sklearn/scipy, each on its own split."""
     rng = np.random.default_rng(3)
     monitor = Monitor(MonitorSettings(window=1000, time_windows=(), threshold=0.25))
@@ -150,10 +178,27 @@ def test_multiclass_and_regression_match_sklearn(summary_validator: jsonschema.D
     yp = np.where(rng.random(200) < 0.6, yt, rng.integers(0, 5, 200))
     rt = rng.normal(size=150)
     rp = rt + rng.normal(0, 0.3, 150)
-    monitor.ingest([
-        ev(type="prediction", run_id="r", task="multiclass", split="val", y_true=yt.tolist(), y_pred=yp.tolist()),
-        ev(type="prediction", run_id="r", task="regression", split="test", y_true=rt.tolist(), y_pred=rp.tolist()),
-    ], now=5.0)
+    monitor.ingest(
+        [
+            ev(
+                type="prediction",
+                run_id="r",
+                task="multiclass",
+                split="val",
+                y_true=yt.tolist(),
+                y_pred=yp.tolist(),
+            ),
+            ev(
+                type="prediction",
+                run_id="r",
+                task="regression",
+                split="test",
+                y_true=rt.tolist(),
+                y_pred=rp.tolist(),
+            ),
+        ],
+        now=5.0,
+    )
     records = wire(monitor.due(5.0))
     for r in records:
         summary_validator.validate(r)
@@ -161,7 +206,9 @@ def test_multiclass_and_regression_match_sklearn(summary_validator: jsonschema.D
     assert mc["accuracy"] == pytest.approx(skm.accuracy_score(yt, yp))
     assert mc["f1_macro"] == pytest.approx(skm.f1_score(yt, yp, average="macro", zero_division=0))
     assert mc["f1_micro"] == pytest.approx(skm.f1_score(yt, yp, average="micro", zero_division=0))
-    assert mc["f1_weighted"] == pytest.approx(skm.f1_score(yt, yp, average="weighted", zero_division=0))
+    assert mc["f1_weighted"] == pytest.approx(
+        skm.f1_score(yt, yp, average="weighted", zero_division=0)
+    )
     assert mc["labels"] == sorted(set(yt.tolist()) | set(yp.tolist()))
     assert mc["confusion_matrix"] == skm.confusion_matrix(yt, yp, labels=mc["labels"]).tolist()
     rg = by_window(records, "r", "prediction/test")["count"]["metrics"]
@@ -186,17 +233,22 @@ def test_undefined_statistics_are_null_on_the_wire() -> None:
 def test_run_end_emits_final_summaries_and_frees_the_run() -> None:
     """run_end publishes every stream of the run with final=true and forgets the run."""
     monitor = Monitor(MonitorSettings(window=10, time_windows=()))
-    monitor.ingest([
-        ev(type="batch_time", run_id="r", seconds=0.1),
-        ev(type="prediction", run_id="r", task="binary", y_true=[0, 1], y_pred=[0, 1]),
-        ev(type="batch_time", run_id="other", seconds=0.1),
-    ], now=1.0)
+    monitor.ingest(
+        [
+            ev(type="batch_time", run_id="r", seconds=0.1),
+            ev(type="prediction", run_id="r", task="binary", y_true=[0, 1], y_pred=[0, 1]),
+            ev(type="batch_time", run_id="other", seconds=0.1),
+        ],
+        now=1.0,
+    )
     monitor.due(1.0)
     monitor.ingest([ev(type="run_end", run_id="r")], now=2.0)
     assert monitor.runs_tracked == 1
     records = monitor.due(2.0)
     assert {(r["stream"], r["final"], r["seq"]) for r in records} == {
-        ("batch_time", True, 1), ("prediction/val", True, 1)}
+        ("batch_time", True, 1),
+        ("prediction/val", True, 1),
+    }
     # The run id can start again from empty.
     monitor.ingest([ev(type="batch_time", run_id="r", seconds=0.3)], now=3.0)
     again = monitor.due(3.0)
@@ -206,12 +258,15 @@ def test_run_end_emits_final_summaries_and_frees_the_run() -> None:
 def test_run_end_in_the_middle_of_a_batch_covers_what_came_before() -> None:
     """Events before a run_end in the same batch are in its final summary; later ones start anew."""
     monitor = Monitor(MonitorSettings(window=10, time_windows=()))
-    monitor.ingest([
-        ev(type="batch_time", run_id="r", seconds=1.0),
-        ev(type="batch_time", run_id="r", seconds=3.0),
-        ev(type="run_end", run_id="r"),
-        ev(type="batch_time", run_id="r", seconds=7.0),
-    ], now=1.0)
+    monitor.ingest(
+        [
+            ev(type="batch_time", run_id="r", seconds=1.0),
+            ev(type="batch_time", run_id="r", seconds=3.0),
+            ev(type="run_end", run_id="r"),
+            ev(type="batch_time", run_id="r", seconds=7.0),
+        ],
+        now=1.0,
+    )
     records = monitor.due(1.0)
     final = [r for r in records if r["final"]]
     fresh = [r for r in records if not r["final"]]
@@ -233,24 +288,38 @@ def test_release_partitions_publishes_pending_data_and_forgets_those_runs() -> N
 def test_task_change_restarts_the_stream_window() -> None:
     """A prediction stream that switches task starts a new window for the new task."""
     monitor = Monitor(MonitorSettings(window=10, time_windows=()))
-    monitor.ingest([ev(type="prediction", run_id="r", task="binary", y_true=[0, 1], y_pred=[1, 1])], now=1.0)
-    monitor.ingest([ev(type="prediction", run_id="r", task="regression", y_true=[0.5], y_pred=[0.5])], now=1.0)
+    monitor.ingest(
+        [ev(type="prediction", run_id="r", task="binary", y_true=[0, 1], y_pred=[1, 1])], now=1.0
+    )
+    monitor.ingest(
+        [ev(type="prediction", run_id="r", task="regression", y_true=[0.5], y_pred=[0.5])], now=1.0
+    )
     records = monitor.due(1.0)
     assert [(r["task"], r["count"]) for r in records] == [("regression", 1)]
     assert monitor.rows_tracked == 1
 
 
-def test_cv_attention_and_features_streams(summary_validator: jsonschema.Draft202012Validator) -> None:
+def test_cv_attention_and_features_streams(
+    summary_validator: jsonschema.Draft202012Validator,
+) -> None:
     """The cv, attention and features streams summarise their per-event figures."""
     rng = np.random.default_rng(4)
     monitor = Monitor(MonitorSettings(window=100, time_windows=()))
-    folds = [ev(type="cv_fold", run_id="r", fold=f, train_loss=0.2 + f / 10, val_loss=0.3 + f / 10)
-             for f in range(3)]
+    folds = [
+        ev(type="cv_fold", run_id="r", fold=f, train_loss=0.2 + f / 10, val_loss=0.3 + f / 10)
+        for f in range(3)
+    ]
     folds.append(ev(type="cv_fold", run_id="r", fold=0, train_loss=0.5, val_loss=0.9))  # re-sent
     mats = [rng.random((2, 6)) for _ in range(3)]
     vecs = [rng.normal(size=8) for _ in range(4)]
-    monitor.ingest([*folds, *(ev(type="attention", run_id="r", weights=m.tolist()) for m in mats),
-                    ev(type="features", run_id="r", values=[v.tolist() for v in vecs])], now=1.0)
+    monitor.ingest(
+        [
+            *folds,
+            *(ev(type="attention", run_id="r", weights=m.tolist()) for m in mats),
+            ev(type="features", run_id="r", values=[v.tolist() for v in vecs]),
+        ],
+        now=1.0,
+    )
     records = wire(monitor.due(1.0))
     for r in records:
         summary_validator.validate(r)
@@ -276,8 +345,13 @@ def test_profiler_times_the_statistics() -> None:
     """Ingest and each stream kind's statistics are recorded by the profiler."""
     profiler = Profiler()
     monitor = Monitor(MonitorSettings(window=10, time_windows=()), profiler)
-    monitor.ingest([ev(type="batch_time", run_id="r", seconds=0.1),
-                    ev(type="prediction", run_id="r", task="binary", y_true=[0], y_pred=[0])], now=1.0)
+    monitor.ingest(
+        [
+            ev(type="batch_time", run_id="r", seconds=0.1),
+            ev(type="prediction", run_id="r", task="binary", y_true=[0], y_pred=[0]),
+        ],
+        now=1.0,
+    )
     monitor.due(1.0)
     names = {op["name"] for op in profiler.report(1.0)["operations"]}
     assert {"ingest", "batch_time_stats", "binary_stats"} <= names
@@ -288,7 +362,9 @@ def test_many_runs_in_one_vectorised_pass_match_per_run_oracles() -> None:
     rng = np.random.default_rng(5)
     monitor = Monitor(MonitorSettings(window=50, time_windows=()))
     data = {f"run{i}": rng.normal(10, 2, int(rng.integers(1, 120))) for i in range(300)}
-    events = [ev(type="batch_time", run_id=run, seconds=float(v)) for run, vs in data.items() for v in vs]
+    events = [
+        ev(type="batch_time", run_id=run, seconds=float(v)) for run, vs in data.items() for v in vs
+    ]
     rng.shuffle(events)  # type: ignore[arg-type]
     monitor.ingest(events, now=1.0)
     records = wire(monitor.due(1.0))

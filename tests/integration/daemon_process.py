@@ -29,7 +29,11 @@ class DaemonProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.cli", "run", "--log-format", "json", *self.args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         return self
 

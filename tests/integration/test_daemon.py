@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from daemon_process import DaemonProcess
+from kafka_tools import create_topics, produce_foreign, read_topic_foreign
 from scipy import stats as sps
 from sklearn import metrics as skm
 
 from daemon.devbroker import DevBroker
-from daemon_process import DaemonProcess
-from kafka_tools import create_topics, produce_foreign, read_topic_foreign
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +33,23 @@ SUMMARY_SCHEMA = json.loads(
 
 
 def start_daemon(broker: DevBroker, topic: str, tmp_path: Path, *extra: str) -> DaemonProcess:
-    """The daemon for ``topic`` (started by ``with``), one partition set and window for all tests."""
+    """The daemon for ``topic`` (started by ``with``); same partitions and window in all tests."""
     return DaemonProcess(
-        ["--bootstrap-servers", broker.bootstrap, "--input-topic", topic,
-         "--output-topic", f"{topic}.out", "--group-id", f"{topic}-group",
-         "--window", str(WINDOW), "--partitions", str(PARTITIONS), *extra],
+        [
+            "--bootstrap-servers",
+            broker.bootstrap,
+            "--input-topic",
+            topic,
+            "--output-topic",
+            f"{topic}.out",
+            "--group-id",
+            f"{topic}-group",
+            "--window",
+            str(WINDOW),
+            "--partitions",
+            str(PARTITIONS),
+            *extra,
+        ],
         tmp_path / "daemon.log",
     )
 
@@ -81,45 +93,110 @@ def test_summaries_match_the_oracle_and_bad_input_is_dead_lettered(
     bad: list[tuple[bytes | None, bytes, str]] = [
         (b"run-0", b"{not json", "malformed_json"),
         (b"run-1", b'{"type":"batch_time","run_id":"run-1","seconds":NaN}', "non_finite"),
-        (b"run-2", orjson.dumps({"type": "batch_time", "run_id": "run-2", "seconds": "fast"}), "schema"),
-        (b"run-3", orjson.dumps({"type": "prediction", "run_id": "run-3", "task": "binary",
-                                 "y_true": [0, 1, 1], "y_pred": [0, 1]}), "length_mismatch"),
-        (b"run-4", orjson.dumps({"type": "prediction", "run_id": "run-4", "task": "binary",
-                                 "y_true": [0, 2], "y_pred": [0, 1]}), "label_out_of_range"),
-        (b"\xff\xfe", orjson.dumps({"type": "batch_time", "run_id": "x", "seconds": 1.0}), "bad_key"),
-        (b"run-0", orjson.dumps({"type": "batch_time", "run_id": "run-0",
-                                 "seconds": [0.1] * 20_000}), "oversized"),
+        (
+            b"run-2",
+            orjson.dumps({"type": "batch_time", "run_id": "run-2", "seconds": "fast"}),
+            "schema",
+        ),
+        (
+            b"run-3",
+            orjson.dumps(
+                {
+                    "type": "prediction",
+                    "run_id": "run-3",
+                    "task": "binary",
+                    "y_true": [0, 1, 1],
+                    "y_pred": [0, 1],
+                }
+            ),
+            "length_mismatch",
+        ),
+        (
+            b"run-4",
+            orjson.dumps(
+                {
+                    "type": "prediction",
+                    "run_id": "run-4",
+                    "task": "binary",
+                    "y_true": [0, 2],
+                    "y_pred": [0, 1],
+                }
+            ),
+            "label_out_of_range",
+        ),
+        (
+            b"\xff\xfe",
+            orjson.dumps({"type": "batch_time", "run_id": "x", "seconds": 1.0}),
+            "bad_key",
+        ),
+        (
+            b"run-0",
+            orjson.dumps({"type": "batch_time", "run_id": "run-0", "seconds": [0.1] * 20_000}),
+            "oversized",
+        ),
     ]
     for step in range(120):
         for r in range(5):
             run = f"run-{r}"
             s = float(rng.lognormal(-2 + 0.2 * r, 0.3))
             batch_times[run].append(s)
-            records.append((run.encode(), orjson.dumps(
-                {"type": "batch_time", "run_id": run, "ts": 1_764_000_000.0 + step, "step": step,
-                 "seconds": s}), None))
+            records.append(
+                (
+                    run.encode(),
+                    orjson.dumps(
+                        {
+                            "type": "batch_time",
+                            "run_id": run,
+                            "ts": 1_764_000_000.0 + step,
+                            "step": step,
+                            "seconds": s,
+                        }
+                    ),
+                    None,
+                )
+            )
             if step % 10 == 0:
                 yt = rng.integers(0, 2, 16)
                 yp = np.where(rng.random(16) < 0.75, yt, 1 - yt)
                 preds[run][0].extend(yt.tolist())
                 preds[run][1].extend(yp.tolist())
-                records.append((run.encode(), orjson.dumps(
-                    {"type": "prediction", "run_id": run, "ts": 1_764_000_000.0 + step,
-                     "task": "binary", "y_true": yt.tolist(), "y_pred": yp.tolist()}), None))
+                records.append(
+                    (
+                        run.encode(),
+                        orjson.dumps(
+                            {
+                                "type": "prediction",
+                                "run_id": run,
+                                "ts": 1_764_000_000.0 + step,
+                                "task": "binary",
+                                "y_true": yt.tolist(),
+                                "y_pred": yp.tolist(),
+                            }
+                        ),
+                        None,
+                    )
+                )
         if step == 60:  # bad input in the middle of the stream
             records.extend((key, value, None) for key, value, _ in bad)
 
-    with start_daemon(broker, topic, tmp_path, "--interval", "1", "--time-window", "0",
-                      "--max-array", "10000") as daemon:
+    with start_daemon(
+        broker, topic, tmp_path, "--interval", "1", "--time-window", "0", "--max-array", "10000"
+    ) as daemon:
         produce_foreign(broker.bootstrap, topic, records)
         expected = {(run, "batch_time"): len(v) for run, v in batch_times.items()}
         expected.update({(run, "prediction/val"): len(v[0]) for run, v in preds.items()})
-        out = read_topic_foreign(broker.bootstrap, f"{topic}.out", range(PARTITIONS),
-                                 until=covers(expected), timeout=60)
+        out = read_topic_foreign(
+            broker.bootstrap, f"{topic}.out", range(PARTITIONS), until=covers(expected), timeout=60
+        )
         latest = latest_by_stream(out)
         assert covers(expected)(out), f"missing summaries; daemon log:\n{daemon.tail()}"
-        dlq = read_topic_foreign(broker.bootstrap, f"{topic}.dlq", range(PARTITIONS),
-                                 until=lambda got: len(got) >= len(bad), timeout=30)
+        dlq = read_topic_foreign(
+            broker.bootstrap,
+            f"{topic}.dlq",
+            range(PARTITIONS),
+            until=lambda got: len(got) >= len(bad),
+            timeout=30,
+        )
         assert daemon.terminate() == 0
 
     validator = jsonschema.Draft202012Validator(SUMMARY_SCHEMA)
@@ -165,18 +242,32 @@ def test_sigterm_flushes_a_final_summary_and_commits(
     topic = topic_name
     create_topics(broker.bootstrap, {topic: PARTITIONS})
     values = {f"r{i}": [0.1 * (i + 1) + 0.01 * k for k in range(30)] for i in range(3)}
-    records = [(run.encode(), orjson.dumps({"type": "batch_time", "run_id": run, "seconds": v}), None)
-               for run, vs in values.items() for v in vs]
-    with start_daemon(broker, topic, tmp_path, "--interval", "3600", "--stats-interval", "0.3") as daemon:
+    records = [
+        (run.encode(), orjson.dumps({"type": "batch_time", "run_id": run, "seconds": v}), None)
+        for run, vs in values.items()
+        for v in vs
+    ]
+    with start_daemon(
+        broker, topic, tmp_path, "--interval", "3600", "--stats-interval", "0.3"
+    ) as daemon:
         positions = produce_foreign(broker.bootstrap, topic, records)
-        daemon.wait_for_log(lambda line: line.get("event") == "stats" and line.get("events") == len(records),
-                            timeout=60)
+        daemon.wait_for_log(
+            lambda line: line.get("event") == "stats" and line.get("events") == len(records),
+            timeout=60,
+        )
         assert daemon.terminate() == 0
-    out = read_topic_foreign(broker.bootstrap, f"{topic}.out", range(PARTITIONS),
-                             until=covers({(run, "batch_time"): 30 for run in values}), timeout=30)
+    out = read_topic_foreign(
+        broker.bootstrap,
+        f"{topic}.out",
+        range(PARTITIONS),
+        until=covers({(run, "batch_time"): 30 for run in values}),
+        timeout=30,
+    )
     latest = latest_by_stream(out)
     for run, vs in values.items():
-        assert latest[(run, "batch_time")]["metrics"]["mean"] == pytest.approx(np.mean(vs), rel=1e-12)
+        assert latest[(run, "batch_time")]["metrics"]["mean"] == pytest.approx(
+            np.mean(vs), rel=1e-12
+        )
         assert latest[(run, "batch_time")]["total"] == 30
 
     # Offsets committed for the group: one past the last record of each partition.
@@ -185,8 +276,9 @@ def test_sigterm_flushes_a_final_summary_and_commits(
         ends[partition] = max(ends[partition], offset + 1)
 
     async def committed() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=f"{topic}-group",
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap, group_id=f"{topic}-group", enable_auto_commit=False
+        )
         await consumer.start()
         try:
             return {p: await consumer.committed(TopicPartition(topic, p)) for p in ends}
@@ -195,5 +287,5 @@ def test_sigterm_flushes_a_final_summary_and_commits(
 
     assert asyncio.run(committed()) == dict(ends)
     stopped = next(line for line in daemon.logs() if line.get("event") == "stopped")
-    # One tick (the final one): each run's stream in the count window and the two default time windows.
+    # One tick (the final one): each run's stream in the count window and 2 default time windows.
     assert stopped["commits"] >= 1 and stopped["summaries"] == 3 * len(values)
