@@ -272,6 +272,7 @@ class Service:
             await self._tick()
 
     async def _tick(self) -> None:
+        started = time.perf_counter()
         with self.profiler.profile_operation("tick", "tick"):
             positions = dict(self._consumed)
             records = self.monitor.due(time.time())
@@ -287,6 +288,7 @@ class Service:
             if acked and positions:
                 await self._commit(positions)
         self.counters.ticks += 1
+        self._last_tick_ms = (time.perf_counter() - started) * 1000.0
 
     async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
         owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
@@ -345,6 +347,7 @@ class Service:
             runs_tracked=self.monitor.runs_tracked,
             partitions=len(self.assigned),
             consumer_lag=lag,
+            last_tick_ms=round(self._last_tick_ms, 3),
             summaries=c.summaries,
             publish_failures=c.publish_failures,
         )
