@@ -45,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 _Pending = tuple[str, bytes | None, bytes]  # topic, key, value
 
+# Base64 grows a value by 4/3: beyond this the dead letter would not fit Kafka's default 1 MB
+# message limit, so only this prefix is kept (flagged ``value_truncated``).
+_DEAD_LETTER_VALUE_BYTES = 700_000
+
 
 @dataclass
 class Counters:
@@ -222,6 +226,7 @@ class Service:
             key=record.key,
             value=record.value,
             emitted_at=now,
+            max_value_bytes=_DEAD_LETTER_VALUE_BYTES,
         )
         await self._send((self.settings.dead_letter_topic, record.key, encode(body)))
         self.counters.dead_letters += 1
