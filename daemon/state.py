@@ -1,0 +1,197 @@
+"""Changelog records of window state: encoding at each tick, restoring on assignment. No I/O.
+
+Protocol (docs/state.md has the failure cases)
+----------------------------------------------
+The changelog is a compacted topic with the input topic's partition count; state of a run lives in
+the changelog partition with the number of the input partition the run's events come from.
+
+At every tick, for each input partition whose position advanced, the daemon writes, in this order,
+to that changelog partition:
+
+1. one snapshot per (run, stream) row that changed since the previous tick — the row's window in
+   arrival order plus ``seq``, ``total``, task and latest per-event figures — zlib-compressed and
+   split into chunks below Kafka's 1 MB message limit (key ``["row", run, stream, chunk]``);
+2. a tombstone (value ``None``) per chunk of each row that ended, was evicted or moved away;
+3. a **checkpoint** ``["checkpoint", partition]`` -> ``{"offset": position}``: everything before
+   ``position`` in the input partition is reflected in the rows written so far.
+
+Offsets are committed only after all of it was acknowledged. On assignment the daemon reads the
+changelog partition from the beginning up to a fence record it writes itself (high watermarks are
+not trusted), applying row records only when a checkpoint follows them: rows of a tick that was cut
+short by a crash are discarded, and the earlier version of those rows stays. It then seeks the input
+partition to the last checkpoint (which can be ahead of the committed offset when the daemon died
+between the acknowledgement and the commit), so that every event is in the windows exactly once.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from daemon.buffers import RowSnapshot
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Restorer",
+    "RowState",
+    "checkpoint_record",
+    "encode_row",
+    "fence_record",
+    "tombstones",
+]
+
+# Below Kafka's default 1 MB limit with room for the key, the chunk header and the batch framing.
+CHUNK_BYTES = 900_000
+_VERSION = 1
+
+Record = tuple[bytes, bytes | None]  # key, value (None = tombstone)
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """Everything needed to rebuild one (run, stream) row exactly."""
+
+    run_id: str
+    stream: str
+    kind: str
+    task: str | None
+    seq: int
+    latest: dict[str, Any] | None
+    snapshot: RowSnapshot
+
+
+def _row_key(run_id: str, stream: str, chunk: int) -> bytes:
+    return orjson.dumps(["row", run_id, stream, chunk])
+
+
+def encode_row(state: RowState, generation: int) -> list[Record]:
+    """The chunk records of one row snapshot (usually one chunk: a 1,000-value window is ~16 kB).
+
+    Value of each chunk: a JSON header line ``{"v", "gen", "i", "n"}``, a NUL byte, then that
+    chunk's share of the zlib stream of (JSON row header, NUL, values bytes, ts bytes).
+    """
+    snap = state.snapshot
+    header = orjson.dumps({
+        "run_id": state.run_id, "stream": state.stream, "kind": state.kind, "task": state.task,
+        "seq": state.seq, "total": snap.total, "latest": state.latest,
+        "channels": int(snap.values.shape[0]), "n": int(snap.ts.shape[0]),
+    })  # fmt: skip
+    body = b"".join((
+        header, b"\0",
+        np.ascontiguousarray(snap.values, dtype="<f8").tobytes(),
+        np.ascontiguousarray(snap.ts, dtype="<f8").tobytes(),
+    ))  # fmt: skip
+    packed = zlib.compress(body, 1)
+    parts = [packed[i : i + CHUNK_BYTES] for i in range(0, len(packed), CHUNK_BYTES)] or [b""]
+    return [
+        (
+            _row_key(state.run_id, state.stream, i),
+            orjson.dumps({"v": _VERSION, "gen": generation, "i": i, "n": len(parts)})
+            + b"\0"
+            + part,
+        )
+        for i, part in enumerate(parts)
+    ]
+
+
+def tombstones(run_id: str, stream: str, chunks: int) -> list[Record]:
+    """Delete records for every chunk key a row had."""
+    return [(_row_key(run_id, stream, i), None) for i in range(max(chunks, 1))]
+
+
+def checkpoint_record(partition: int, offset: int) -> Record:
+    return orjson.dumps(["checkpoint", partition]), orjson.dumps({"offset": offset})
+
+
+def fence_record(partition: int, token: str) -> Record:
+    """The marker a restoring instance writes and then reads up to (the end of the partition)."""
+    return orjson.dumps(["fence", partition]), orjson.dumps({"token": token})
+
+
+def _decode_row(chunks: list[bytes]) -> RowState:
+    body = zlib.decompress(b"".join(chunks))
+    split = body.index(b"\0")
+    header = orjson.loads(body[:split])
+    c, n = header["channels"], header["n"]
+    raw = np.frombuffer(body, dtype="<f8", offset=split + 1)
+    values = raw[: c * n].reshape(c, n).astype(np.float64)
+    ts = raw[c * n : c * n + n].astype(np.float64)
+    return RowState(
+        run_id=header["run_id"], stream=header["stream"], kind=header["kind"],
+        task=header["task"], seq=header["seq"], latest=header["latest"],
+        snapshot=RowSnapshot(values=values, ts=ts, total=header["total"]),
+    )  # fmt: skip
+
+
+@dataclass
+class Restorer:
+    """Feed one changelog partition's records in offset order; then ``rows()`` and ``offset``.
+
+    Row chunks and tombstones are held back until a checkpoint follows them; what comes after the
+    last checkpoint belongs to a tick that never completed and is dropped.
+    """
+
+    fence_token: str | None = None
+    offset: int | None = None  # the last checkpoint: seek the input partition here
+    fenced: bool = False
+    records_read: int = 0
+    bytes_read: int = 0
+    _applied: dict[tuple[str, str], dict[int, bytes]] = field(default_factory=dict)
+    _pending: list[tuple[tuple[str, str], int, bytes | None]] = field(default_factory=list)
+    _corrupt: int = 0
+    chunk_counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def feed(self, key: bytes | None, value: bytes | None) -> None:
+        """One changelog record. Unknown or malformed records are counted and skipped."""
+        self.records_read += 1
+        self.bytes_read += len(value or b"")
+        try:
+            parts = orjson.loads(key or b"null")
+            tag = parts[0]
+        except (orjson.JSONDecodeError, TypeError, IndexError, KeyError):
+            self._corrupt += 1
+            return
+        if tag == "row" and len(parts) == 4:
+            self._pending.append(((parts[1], parts[2]), int(parts[3]), value))
+        elif tag == "checkpoint" and value is not None:
+            for row, chunk, data in self._pending:
+                if data is None:
+                    self._applied.pop(row, None)
+                else:
+                    self._applied.setdefault(row, {})[chunk] = data
+            self._pending.clear()
+            self.offset = int(orjson.loads(value)["offset"])
+        elif tag == "fence" and value is not None and self.fence_token is not None:
+            if orjson.loads(value).get("token") == self.fence_token:
+                self.fenced = True
+        else:
+            self._corrupt += 1
+
+    @property
+    def corrupt(self) -> int:
+        return self._corrupt
+
+    def rows(self) -> Iterable[RowState]:
+        """The restored rows. A row whose chunks do not form one complete generation is skipped
+        (counted in ``corrupt``): its window starts empty rather than wrong."""
+        for row_key, chunks in self._applied.items():
+            # Every chunk key present, stale ones included, so later tombstones cover them all.
+            self.chunk_counts[row_key] = max(chunks) + 1
+            try:
+                heads = {}
+                for i, data in chunks.items():
+                    split = data.index(b"\0")
+                    heads[i] = (orjson.loads(data[:split]), data[split + 1 :])
+                first = heads[0][0]
+                n, gen = first["n"], first["gen"]
+                parts = [heads[i][1] for i in range(n) if heads[i][0]["gen"] == gen]
+                if len(parts) != n:
+                    raise KeyError("incomplete generation")
+                yield _decode_row(parts)
+            except (KeyError, ValueError, zlib.error, orjson.JSONDecodeError):
+                self._corrupt += 1
