@@ -19,7 +19,8 @@ mask of a row is ``arange(width) < count``. Order inside a window does not matte
 (they are symmetric functions), which is what makes "whole row at once" exact.
 
 Operations and their cost:
-- ``allocate()`` / ``release(row)``: O(1) via a free list; the arrays double when full.
+- ``allocate()`` / ``release(row)``: O(1) via a free list; the arrays double when full,
+  up to ``max_rows`` (a bank never shrinks: its memory is its high-water mark of rows).
 - ``append(row, values, ts)``: one or two slice assignments per channel (wraps at most once),
   however
   many values arrive; a write longer than the row keeps only the newest ``width`` values.
@@ -59,11 +60,20 @@ class RingBank:
     snapshotted; only this class writes them.
     """
 
-    def __init__(self, width: int, channels: int = 1, initial_rows: int = 16) -> None:
+    def __init__(
+        self, width: int, channels: int = 1, initial_rows: int = 16, max_rows: int | None = None
+    ) -> None:
+        """``max_rows`` caps the arrays (growth stops there; allocating beyond it is a bug of the
+        caller, which must free rows first); None lets them grow without limit."""
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
+        if max_rows is not None:
+            if max_rows < 1:
+                raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+            initial_rows = min(initial_rows, max_rows)
+        self.max_rows = max_rows
         self.width = width
         self.channels = channels
         self.values: FloatArray = np.zeros((channels, initial_rows, width), dtype=np.float64)
@@ -116,6 +126,10 @@ class RingBank:
     def _grow(self) -> None:
         old = self.capacity
         new = max(2 * old, 16)
+        if self.max_rows is not None:
+            if old >= self.max_rows:
+                raise RuntimeError(f"ring bank full: all {old} rows (max_rows) are in use")
+            new = min(new, self.max_rows)
         values = np.zeros((self.channels, new, self.width), dtype=np.float64)
         values[:, :old] = self.values
         ts = np.zeros((new, self.width), dtype=np.float64)

@@ -16,6 +16,14 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   time windows (values whose event time is within T seconds of the row's newest event time:
   ``ts > last_ts - T``). A time window whose mask equals the count window reuses its result.
 - ``run_end`` publishes the run's final summaries (``final: true``) at once and frees its rows.
+- Bounded memory: at most ``max_runs`` runs are tracked. Each run's last activity is the ``now``
+  of the latest ingest that touched it, kept in an ordered dict (least recent first; one
+  ``move_to_end`` per run and batch, nothing per event). A new run beyond ``max_runs`` first
+  evicts the least recently active run; ``due`` evicts runs idle longer than ``idle_timeout``.
+  Eviction is ``run_end``: final summaries of all the run's streams, then its rows are freed. A
+  run keeps at most ``MAX_SPLITS`` prediction streams (a new split closes its oldest one with a
+  final summary), so every bank is capped: ``max_runs`` rows (``max_runs * MAX_SPLITS`` for the
+  three prediction kinds). Banks never shrink; freed rows are reused.
 
 Summary identity for de-duplication: (run_id, stream, window, seq); ``seq`` counts the ticks that
 produced summaries for that (run, stream), shared by all its windows. ``id`` joins the four.
@@ -26,6 +34,9 @@ orjson writes as ``null`` (JSON never carries NaN or Infinity).
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +49,12 @@ from daemon.buffers import RingBank
 from daemon.config import MonitorSettings
 from daemon.events import Attention, BatchTime, CvFold, Event, Features, Prediction, RunEnd
 from daemon.profiler import Profiler
+from daemon.state import RowState
 
-__all__ = ["Monitor"]
+__all__ = ["MAX_SPLITS", "Monitor"]
+
+# Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
+MAX_SPLITS = 8
 
 Record = dict[str, Any]
 BoolArray = NDArray[np.bool_]
@@ -91,9 +106,10 @@ class _Kind:
     width: int
     bank: RingBank = field(init=False)
     dirty: dict[int, _Row] = field(default_factory=dict)
+    max_rows: int | None = None  # the bank's cap (the monitor frees rows before reaching it)
 
     def __post_init__(self) -> None:
-        self.bank = RingBank(self.width, self.channels)
+        self.bank = RingBank(self.width, self.channels, max_rows=self.max_rows)
 
     def metrics(self, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
         """Metrics of each selected row over the slots in ``mask`` (values are (C, n, W))."""
@@ -133,7 +149,10 @@ class _CrossValidation(_Kind):
     """Channels: fold id, train loss, val loss. A fold sent again replaces the earlier one."""
 
     def metrics(self, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
-        folds = values[0].astype(np.int64)
+        # Fold ids are compared by their float64 bit patterns (equal floats, equal bits): a cast
+        # to int64 overflows for ids near 2**63, which float64 rounds up to 2**63. Ids beyond
+        # 2**53 that round to the same float64 count as one fold.
+        folds = values[0].view(np.int64)
         latest = analyses.latest_per_fold_2d(folds, self.bank.arrival_order(rows), mask)
         return _rows_of(analyses.cv_metrics(values[1], values[2], latest), ints=("folds",))
 
@@ -175,17 +194,30 @@ class Monitor:
     stamps ``emitted_at`` and stands in for the event time of events that carry none.
     """
 
-    def __init__(self, settings: MonitorSettings, profiler: Profiler | None = None) -> None:
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        profiler: Profiler | None = None,
+        *,
+        track_changes: bool = False,
+    ) -> None:
+        """``track_changes``: remember changed and removed rows for ``state_changes()`` (on when
+        the window state is backed by a changelog)."""
         self.settings = settings
+        self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
         w = settings.window
-        self._batch_time = _Numeric("batch_time", 1, w)
-        self._binary = _Binary("binary", 2, w)
-        self._multiclass = _Multiclass("multiclass", 2, w)
-        self._regression = _Regression("regression", 2, w, threshold=settings.threshold)
-        self._cv = _CrossValidation("cv", 3, w)
-        self._attention = _PerEvent("attention", 2, w, figures=_ATTENTION_FIGURES)
-        self._features = _PerEvent("features", 3, w, figures=_FEATURE_FIGURES)
+        # One row per run in each single-stream kind, up to MAX_SPLITS in each prediction kind.
+        one, splits = settings.max_runs, settings.max_runs * MAX_SPLITS
+        self._batch_time = _Numeric("batch_time", 1, w, max_rows=one)
+        self._binary = _Binary("binary", 2, w, max_rows=splits)
+        self._multiclass = _Multiclass("multiclass", 2, w, max_rows=splits)
+        self._regression = _Regression(
+            "regression", 2, w, max_rows=splits, threshold=settings.threshold
+        )
+        self._cv = _CrossValidation("cv", 3, w, max_rows=one)
+        self._attention = _PerEvent("attention", 2, w, max_rows=one, figures=_ATTENTION_FIGURES)
+        self._features = _PerEvent("features", 3, w, max_rows=one, figures=_FEATURE_FIGURES)
         self._kinds: list[_Kind] = [
             self._batch_time,
             self._binary,
@@ -204,13 +236,30 @@ class Monitor:
         self._runs: dict[str, list[_Row]] = {}
         self._partition_of: dict[str, int] = {}
         self._ready: list[Record] = []
+        # Rows changed or removed since the last ``state_changes()`` (for the changelog).
+        self._changed: dict[tuple[str, str], _Row] = {}
+        self._removed: dict[tuple[str, str], int] = {}
         self.events_ingested = 0
         self.values_ingested = 0
+        # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
+        self._last_seen: OrderedDict[str, float] = OrderedDict()
+        self._idle_timeout = settings.idle_timeout or math.inf  # 0 = never
+        self._clock = 0.0  # the latest ``now`` given to ingest or due
+        # Runs created outside ingest (restore): active as of the next ingest or due.
+        self._unstamped: list[str] = []
+        self.runs_evicted_idle = 0
+        self.runs_evicted_capacity = 0
+        self.streams_evicted = 0  # prediction splits closed because of MAX_SPLITS
 
     # -- introspection ---------------------------------------------------------------------
     @property
     def runs_tracked(self) -> int:
         return len(self._runs)
+
+    @property
+    def runs_evicted(self) -> dict[str, int]:
+        """Runs evicted (final summaries, then freed) by reason: ``idle`` and ``capacity``."""
+        return {"idle": self.runs_evicted_idle, "capacity": self.runs_evicted_capacity}
 
     @property
     def rows_tracked(self) -> int:
@@ -236,6 +285,7 @@ class Monitor:
             self._ingest(events, now, partition)
 
     def _ingest(self, events: Sequence[Event], now: float, partition: int) -> None:
+        self._advance(now)
         scalars: dict[str, tuple[list[float], list[float]]] = {}
         pairs: dict[tuple[str, str, str], list[tuple[Any, Any, float]]] = {}
         folds: dict[str, list[tuple[float, float, float, float]]] = {}
@@ -275,18 +325,27 @@ class Monitor:
                     vectors.append((ev.run_id, vector, ts))
                 values += len(ev.values)  # type: ignore[union-attr]
             elif t is RunEnd:
-                self._flush(scalars, pairs, folds, matrices, vectors, partition)
+                self._flush(scalars, pairs, folds, matrices, vectors, partition, now)
                 scalars, pairs, folds, matrices, vectors = {}, {}, {}, [], []
                 self.end_run(ev.run_id, now)
             else:  # pragma: no cover - the decoder yields only the types above
                 raise TypeError(f"not an event: {ev!r}")
-        self._flush(scalars, pairs, folds, matrices, vectors, partition)
+        self._flush(scalars, pairs, folds, matrices, vectors, partition, now)
         self.events_ingested += len(events)
         self.values_ingested += values
 
     def _row(
-        self, run_id: str, stream: str, kind: _Kind, partition: int, task: str | None = None
+        self,
+        run_id: str,
+        stream: str,
+        kind: _Kind,
+        partition: int,
+        task: str | None = None,
+        now: float | None = None,
     ) -> _Row:
+        """The row of (run, stream), created if new: room is made first (capacity eviction,
+        ``MAX_SPLITS``). ``now`` None (a restore, outside ingest) makes a new run active as of
+        the next ``ingest`` or ``due``."""
         ref = self._rows.get((run_id, stream))
         if ref is not None and ref.kind is kind:
             return ref
@@ -294,6 +353,10 @@ class Monitor:
             # The task of a prediction stream changed (e.g. binary -> regression): the old window
             # is meaningless for the new task, so it is closed and a new one starts.
             self._drop(ref)
+        elif task is not None and run_id in self._runs:
+            self._limit_splits(run_id, self._clock if now is None else now)
+        if run_id not in self._runs:
+            self._admit(run_id, now)
         ref = _Row(run_id, stream, kind, kind.bank.allocate(), task)
         self._rows[(run_id, stream)] = ref
         self._runs.setdefault(run_id, []).append(ref)
@@ -309,16 +372,29 @@ class Monitor:
         matrices: list[tuple[str, FloatArray, float]],
         vectors: list[tuple[str, FloatArray, float]],
         partition: int,
+        now: float,
     ) -> None:
+        # The runs of this flush, in a deterministic order (a set's would vary with the hash seed).
+        runs = dict.fromkeys(
+            itertools.chain(
+                scalars,
+                folds,
+                (key[0] for key in pairs),
+                (run_id for run_id, _, _ in matrices),
+                (run_id for run_id, _, _ in vectors),
+            )
+        )
+        if runs:
+            self._mark_active(runs, now)
         kind: _Kind
         kind = self._batch_time
         for run_id, (vals, tss) in scalars.items():
-            ref = self._row(run_id, "batch_time", kind, partition)
+            ref = self._row(run_id, "batch_time", kind, partition, now=now)
             kind.bank.append(ref.row, np.array(vals, dtype=np.float64)[None, :], np.array(tss))
-            kind.dirty[ref.row] = ref
+            self._touch(kind, ref)
         for (run_id, split, task), items in pairs.items():
             kind = self._prediction_kinds[task]
-            ref = self._row(run_id, f"prediction/{split}", kind, partition, task)
+            ref = self._row(run_id, f"prediction/{split}", kind, partition, task, now)
             block = np.empty((2, sum(len(y) for y, _, _ in items)), dtype=np.float64)
             tss = np.empty(block.shape[1], dtype=np.float64)
             at = 0
@@ -329,13 +405,13 @@ class Monitor:
                 tss[at : at + n] = ts
                 at += n
             kind.bank.append(ref.row, block, tss)
-            kind.dirty[ref.row] = ref
+            self._touch(kind, ref)
         kind = self._cv
         for run_id, rows in folds.items():
-            ref = self._row(run_id, "cv", kind, partition)
+            ref = self._row(run_id, "cv", kind, partition, now=now)
             arr = np.array(rows, dtype=np.float64).T
             kind.bank.append(ref.row, arr[:3], arr[3])
-            kind.dirty[ref.row] = ref
+            self._touch(kind, ref)
         if matrices:
             with self.profiler.profile_operation("attention_analysis", "analysis"):
                 figures, tops = analyses.attention_metrics([m for _, m, _ in matrices])
@@ -345,14 +421,14 @@ class Monitor:
             for i, record in enumerate(latest):
                 record["top_attention_positions"] = tops[i]
             self._append_per_event(
-                self._attention, matrices, np.stack([conc, entropy]), latest, partition
+                self._attention, matrices, np.stack([conc, entropy]), latest, partition, now
             )
         if vectors:
             with self.profiler.profile_operation("feature_analysis", "analysis"):
                 figures = analyses.feature_metrics([v for _, v, _ in vectors])
             block = np.stack([figures[name] for name in _FEATURE_FIGURES])
             latest = _rows_of(figures, ints=("non_zero",))
-            self._append_per_event(self._features, vectors, block, latest, partition)
+            self._append_per_event(self._features, vectors, block, latest, partition, now)
 
     def _append_per_event(
         self,
@@ -361,6 +437,7 @@ class Monitor:
         block: FloatArray,
         latest: list[Record],
         partition: int,
+        now: float,
     ) -> None:
         """Append per-event figures (``block`` is (channels, events)) grouped by run."""
         by_run: dict[str, list[int]] = {}
@@ -368,19 +445,22 @@ class Monitor:
             by_run.setdefault(run_id, []).append(i)
         tss = np.array([ts for _, _, ts in items], dtype=np.float64)
         for run_id, idx in by_run.items():
-            ref = self._row(run_id, kind.name, kind, partition)
+            ref = self._row(run_id, kind.name, kind, partition, now=now)
             take = np.array(idx)
             kind.bank.append(ref.row, block[:, take], tss[take])
             ref.latest = latest[idx[-1]]
-            kind.dirty[ref.row] = ref
+            self._touch(kind, ref)
 
     # -- summaries -------------------------------------------------------------------------
     def due(self, now: float) -> list[Record]:
         """Summaries for every (run, stream) with data since the previous call, plus finals.
 
         Each such stream gets one record per window (count, then each time window) sharing one
-        ``seq``. Streams without new data produce nothing.
+        ``seq``. Streams without new data produce nothing. Runs idle for longer than
+        ``idle_timeout`` are evicted first (their final summaries are among the records).
         """
+        self._advance(now)
+        self._evict_idle(now)
         records, self._ready = self._ready, []
         for kind in self._kinds:
             if kind.dirty:
@@ -391,16 +471,86 @@ class Monitor:
 
     def end_run(self, run_id: str, now: float) -> None:
         """Queue the run's final summaries (``final: true``) for ``due``; free its rows."""
-        refs = self._runs.get(run_id)
-        if not refs:
-            return
+        self._end_runs([run_id], now)
+
+    def _end_runs(self, run_ids: Iterable[str], now: float) -> None:
+        """``end_run`` for several runs at once: one statistics pass per kind, not per run."""
+        ended: list[_Row] = []
+        for run_id in run_ids:
+            ended.extend(self._runs.get(run_id, ()))
         by_kind: dict[int, tuple[_Kind, list[_Row]]] = {}
-        for ref in refs:
+        for ref in ended:
             by_kind.setdefault(id(ref.kind), (ref.kind, []))[1].append(ref)
         for kind, kind_refs in by_kind.values():
             self._ready.extend(self._summaries(kind, kind_refs, now, final=True))
-        for ref in list(refs):
+        for ref in ended:
             self._drop(ref)
+
+    # -- bounded memory --------------------------------------------------------------------
+    def _advance(self, now: float) -> None:
+        """Remember ``now``; runs created outside ingest (restore) count as active from it."""
+        self._clock = now
+        if self._unstamped:
+            seen = self._last_seen
+            for run_id in self._unstamped:
+                if run_id in seen:
+                    seen[run_id] = now
+                    seen.move_to_end(run_id)
+            self._unstamped.clear()
+
+    def _mark_active(self, runs: Iterable[str], now: float) -> None:
+        """Move the runs of one flush to the recent end, then make room for its new runs at once
+        (one statistics pass per kind for all the runs evicted, instead of one per new run)."""
+        seen = self._last_seen
+        new = 0
+        for run_id in runs:
+            if run_id in seen:
+                seen[run_id] = now
+                seen.move_to_end(run_id)
+            else:
+                new += 1
+        excess = len(self._runs) + new - self.settings.max_runs
+        if excess > 0:
+            # Runs of this flush are at the recent end: they go only if the flush alone has more
+            # runs than max_runs (and then ``_admit`` evicts one by one as rows are created).
+            self._evict(list(itertools.islice(seen, excess)), now, "capacity")
+
+    def _admit(self, run_id: str, now: float | None) -> None:
+        """Start tracking a new run, evicting the least recently active runs to stay in bounds."""
+        at = self._clock if now is None else now
+        excess = len(self._runs) + 1 - self.settings.max_runs
+        if excess > 0:
+            self._evict(list(itertools.islice(self._last_seen, excess)), at, "capacity")
+        if now is None:
+            self._unstamped.append(run_id)
+        self._last_seen[run_id] = at
+
+    def _limit_splits(self, run_id: str, now: float) -> None:
+        """Before a run gets a new prediction stream: close its oldest one if it has MAX_SPLITS."""
+        splits = [ref for ref in self._runs[run_id] if ref.task is not None]
+        if len(splits) >= MAX_SPLITS:
+            oldest = splits[0]
+            self._ready.extend(self._summaries(oldest.kind, [oldest], now, final=True))
+            self._drop(oldest)
+            self.streams_evicted += 1
+
+    def _evict_idle(self, now: float) -> None:
+        """Evict the runs whose last activity is more than ``idle_timeout`` before ``now``."""
+        cutoff = now - self._idle_timeout
+        idle: list[str] = []
+        for run_id, seen in self._last_seen.items():
+            if seen >= cutoff:
+                break  # least recent first: the rest are more recent
+            idle.append(run_id)
+        if idle:
+            self._evict(idle, now, "idle")
+
+    def _evict(self, run_ids: list[str], now: float, reason: str) -> None:
+        self._end_runs(run_ids, now)
+        if reason == "idle":
+            self.runs_evicted_idle += len(run_ids)
+        else:
+            self.runs_evicted_capacity += len(run_ids)
 
     def release_partitions(self, partitions: Iterable[int], now: float) -> list[Record]:
         """Summaries of the unpublished data of runs on ``partitions``, then forget those runs.
@@ -412,11 +562,22 @@ class Monitor:
                 if ref.row in ref.kind.dirty:
                     del ref.kind.dirty[ref.row]
                     self._ready.extend(self._summaries(ref.kind, [ref], now, final=False))
-                self._drop(ref)
+                self._drop(ref, tombstone=False)
         records, self._ready = self._ready, []
         return records
 
-    def _drop(self, ref: _Row) -> None:
+    def _touch(self, kind: _Kind, ref: _Row) -> None:
+        kind.dirty[ref.row] = ref
+        if self.track_changes:
+            self._changed[(ref.run_id, ref.stream)] = ref
+
+    def _drop(self, ref: _Row, *, tombstone: bool = True) -> None:
+        """Free a row; ``tombstone`` records its removal for the changelog (not on a revoke,
+        where the state stays for the partition's next owner)."""
+        key = (ref.run_id, ref.stream)
+        self._changed.pop(key, None)
+        if tombstone and self.track_changes:
+            self._removed[key] = self._partition_of.get(ref.run_id, -1)
         ref.kind.dirty.pop(ref.row, None)
         ref.kind.bank.release(ref.row)
         del self._rows[(ref.run_id, ref.stream)]
@@ -425,6 +586,42 @@ class Monitor:
         if not run_refs:
             del self._runs[ref.run_id]
             self._partition_of.pop(ref.run_id, None)
+            self._last_seen.pop(ref.run_id, None)
+
+    # -- state (changelog) ------------------------------------------------------------------
+    def state_changes(self) -> tuple[list[tuple[int, RowState]], list[tuple[int, str, str]]]:
+        """Rows changed since the previous call as ``(partition, RowState)``, and rows removed
+        (ended, evicted) as ``(partition, run_id, stream)``; then starts a new change set.
+
+        A row removed and created again in between appears only as changed.
+        """
+        changed = [
+            (self._partition_of.get(ref.run_id, -1), self._state_of(ref))
+            for ref in self._changed.values()
+        ]
+        removed = [
+            (partition, run_id, stream)
+            for (run_id, stream), partition in self._removed.items()
+            if (run_id, stream) not in self._changed
+        ]
+        self._changed, self._removed = {}, {}
+        return changed, removed
+
+    def _state_of(self, ref: _Row) -> RowState:
+        return RowState(
+            run_id=ref.run_id, stream=ref.stream, kind=ref.kind.name, task=ref.task,
+            seq=ref.seq, latest=ref.latest, snapshot=ref.kind.bank.snapshot(ref.row),
+        )  # fmt: skip
+
+    def restore(self, state: RowState, partition: int) -> None:
+        """Rebuild a row from the changelog; it is neither dirty nor changed afterwards."""
+        kind = next(k for k in self._kinds if k.name == state.kind)
+        ref = self._row(state.run_id, state.stream, kind, partition, state.task)
+        kind.bank.restore(ref.row, state.snapshot)
+        ref.seq = state.seq
+        ref.latest = state.latest
+        self._changed.pop((state.run_id, state.stream), None)
+        self._removed.pop((state.run_id, state.stream), None)
 
     def _summaries(self, kind: _Kind, refs: list[_Row], now: float, *, final: bool) -> list[Record]:
         bank = kind.bank

@@ -25,6 +25,7 @@ import asyncio
 import os
 import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -38,12 +39,20 @@ from daemon.events import Decoder, Event, InvalidEvent, dead_letter, encode
 from daemon.logs import RateLimiter
 from daemon.monitor import Monitor
 from daemon.profiler import Profiler
+from daemon.state import (
+    Restorer,
+    RowState,
+    checkpoint_record,
+    encode_row,
+    fence_record,
+    tombstones,
+)
 
 __all__ = ["Counters", "Service", "run"]
 
 log = structlog.get_logger(__name__)
 
-_Pending = tuple[str, bytes | None, bytes]  # topic, key, value
+_Pending = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition
 
 # Base64 grows a value by 4/3: beyond this the dead letter would not fit Kafka's default 1 MB
 # message limit, so only this prefix is kept (flagged ``value_truncated``).
@@ -63,6 +72,7 @@ class Counters:
     publish_failures: int = 0
     commits: int = 0
     ticks: int = 0
+    snapshots: int = 0
 
 
 class Service:
@@ -72,7 +82,7 @@ class Service:
         self.settings = settings
         self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self.profiler = Profiler()
-        self.monitor = Monitor(settings.monitor, self.profiler)
+        self.monitor = Monitor(settings.monitor, self.profiler, track_changes=settings.changelog)
         self.decoder = Decoder(
             max_array=settings.monitor.max_array, max_classes=settings.monitor.max_classes
         )
@@ -86,6 +96,10 @@ class Service:
         self._consumer: Any = None
         self._last_tick_ms = 0.0
         self.assigned: set[kafka.TopicPartition] = set()
+        # Changelog bookkeeping: chunk keys each row last wrote, the last checkpoint per partition.
+        self._chunks: dict[tuple[str, str], int] = {}
+        self._checkpointed: dict[int, int] = {}
+        self._fatal: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -97,6 +111,7 @@ class Service:
                 s.output_topic: s.partitions,
                 s.dead_letter_topic: s.partitions,
             },
+            security=s.security,
         )
         log.info(
             "topics_ready",
@@ -105,10 +120,20 @@ class Service:
             output=s.output_topic,
             dead_letter=s.dead_letter_topic,
         )
-        self._producer = kafka.producer(s.bootstrap_servers)
+        self._producer = kafka.producer(s.bootstrap_servers, security=s.security)
         await self._producer.start()
         try:
-            self._consumer = kafka.consumer(s.bootstrap_servers, s.group_id)
+            if s.changelog:
+                # The changelog mirrors the input's partitioning: a run's state sits in the
+                # changelog partition numbered like the input partition its events arrive on.
+                partitions = len(await self._producer.partitions_for(s.input_topic))
+                await kafka.ensure_topics(
+                    s.bootstrap_servers,
+                    {s.state_topic: partitions},
+                    security=s.security,
+                    configs={s.state_topic: {"cleanup.policy": "compact"}},
+                )
+            self._consumer = kafka.consumer(s.bootstrap_servers, s.group_id, security=s.security)
             await self._consumer.start()
             try:
                 self._consumer.subscribe(
@@ -163,6 +188,8 @@ class Service:
         next_stats = start + s.stats_interval
         stats_mark = (start, 0)
         while not stop.is_set():
+            if self._fatal is not None:
+                raise RuntimeError("cannot continue without the window state") from self._fatal
             wait = max(0.0, min(next_tick - clock(), 0.5))
             batch = await self._consumer.getmany(
                 timeout_ms=int(wait * 1000), max_records=s.max_records
@@ -195,6 +222,8 @@ class Service:
 
     # -- consume ---------------------------------------------------------------------------
     async def _consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
+        if self._fatal is not None:
+            return  # the loop raises before anything else
         decode = self.decoder.decode
         now = time.time()
         for tp, records in batch.items():
@@ -228,7 +257,7 @@ class Service:
             emitted_at=now,
             max_value_bytes=_DEAD_LETTER_VALUE_BYTES,
         )
-        await self._send((self.settings.dead_letter_topic, record.key, encode(body)))
+        await self._send((self.settings.dead_letter_topic, record.key, encode(body), None))
         self.counters.dead_letters += 1
         suppressed = self._warnings.allow(exc.reason)
         if suppressed is not None:
@@ -243,9 +272,9 @@ class Service:
 
     # -- publish ---------------------------------------------------------------------------
     async def _send(self, item: _Pending) -> None:
-        topic, key, value = item
+        topic, key, value, partition = item
         try:
-            future = await self._producer.send(topic, value, key=key)
+            future = await self._producer.send(topic, value, key=key, partition=partition)
         except kafka.KafkaError as exc:
             self._unacked.append(item)
             self.counters.publish_failures += 1
@@ -279,21 +308,64 @@ class Service:
     async def _tick(self) -> None:
         started = time.perf_counter()
         with self.profiler.profile_operation("tick", "tick"):
+            # Positions, summaries and state changes are taken together, with no await between
+            # them: nothing can be ingested in between, so the state covers exactly `positions`.
             positions = dict(self._consumed)
             records = self.monitor.due(time.time())
+            changes = self.monitor.state_changes() if self.settings.changelog else None
             retry, self._unacked = self._unacked, []
             with self.profiler.profile_operation("publish", "publish"):
                 for item in retry:
                     await self._send(item)
                 output = self.settings.output_topic
                 for record in records:
-                    await self._send((output, record["run_id"].encode(), encode(record)))
+                    await self._send((output, record["run_id"].encode(), encode(record), None))
                 self.counters.summaries += len(records)
+                if changes is not None:
+                    await self._write_state(positions, *changes)
                 acked = await self._settle()
             if acked and positions:
                 await self._commit(positions)
         self.counters.ticks += 1
         self._last_tick_ms = (time.perf_counter() - started) * 1000.0
+
+    async def _write_state(
+        self,
+        positions: dict[kafka.TopicPartition, int],
+        changed: list[tuple[int, RowState]],
+        removed: list[tuple[int, str, str]],
+    ) -> None:
+        """Changelog records of one tick, per partition in order: changed rows, tombstones of
+        removed rows, then the checkpoint (docs/state.md)."""
+        topic = self.settings.state_topic
+        owned = {tp.partition for tp in self.assigned}
+        touched: set[int] = set()
+        generation = time.time_ns()
+        with self.profiler.profile_operation("snapshot", "state"):
+            for partition, state in changed:
+                if partition not in owned:
+                    continue
+                key = (state.run_id, state.stream)
+                records = encode_row(state, generation)
+                before = self._chunks.get(key, 0)
+                self._chunks[key] = len(records)
+                # Chunks the row no longer has are deleted so compaction can drop them.
+                records += tombstones(state.run_id, state.stream, before)[len(records) :]
+                for k, v in records:
+                    await self._send((topic, k, v, partition))
+                self.counters.snapshots += 1
+                touched.add(partition)
+            for partition, run_id, stream in removed:
+                if partition not in owned:
+                    continue
+                for k, v in tombstones(run_id, stream, self._chunks.pop((run_id, stream), 1)):
+                    await self._send((topic, k, v, partition))
+                touched.add(partition)
+            for tp, offset in positions.items():
+                p = tp.partition
+                if p in owned and (p in touched or self._checkpointed.get(p) != offset):
+                    await self._send((topic, *checkpoint_record(p, offset), p))
+                    self._checkpointed[p] = offset
 
     async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
         owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
@@ -332,7 +404,9 @@ class Service:
             },
         )
         async with self._lock:
-            await self._send((self.settings.output_topic, self.instance.encode(), encode(record)))
+            await self._send(
+                (self.settings.output_topic, self.instance.encode(), encode(record), None)
+            )
         self.counters.profiles += 1
 
     def _log_stats(self, mark: tuple[float, int], now: float) -> tuple[float, int]:
@@ -350,6 +424,8 @@ class Service:
             invalid=sum(c.invalid.values()),
             invalid_by_reason=dict(c.invalid),
             runs_tracked=self.monitor.runs_tracked,
+            runs_evicted=self.monitor.runs_evicted,
+            streams_evicted=self.monitor.streams_evicted,
             partitions=len(self.assigned),
             consumer_lag=lag,
             last_tick_ms=round(self._last_tick_ms, 3),
@@ -368,17 +444,80 @@ class Service:
             )
             for record in released:  # dirty data was published above; this is normally empty
                 await self._send(
-                    (self.settings.output_topic, record["run_id"].encode(), encode(record))
+                    (self.settings.output_topic, record["run_id"].encode(), encode(record), None)
                 )
             await self._settle()
             for tp in revoked:
                 self._consumed.pop(tp, None)
+                self._checkpointed.pop(tp.partition, None)
             self.assigned -= revoked
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def _assigned(self, assigned: set[kafka.TopicPartition]) -> None:
-        self.assigned |= assigned
+        """Restore the window state of ``assigned`` before any of their records is fetched."""
+        async with self._lock:
+            self.assigned |= assigned
+            if self.settings.changelog and assigned:
+                try:
+                    await self._restore(assigned)
+                except Exception as exc:
+                    # Consuming without the state would count events twice or lose windows:
+                    # stop instead, loudly; the next start (or the next owner) restores again.
+                    log.error("state_restore_failed", error=repr(exc))
+                    self._fatal = exc
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:
+        """Read the changelog partitions up to a fence of our own, rebuild the rows, and seek the
+        input partitions to their last checkpoint (docs/state.md)."""
+        s = self.settings
+        started = time.perf_counter()
+        token = f"{self.instance}-{uuid.uuid4().hex}"
+        restorers = {tp.partition: Restorer(fence_token=token) for tp in assigned}
+        for p in restorers:
+            await self._send((s.state_topic, *fence_record(p, token), p))
+        if not await self._settle():
+            raise kafka.KafkaError("could not write the changelog fence records")
+
+        def feed(partition: int, key: bytes | None, value: bytes | None) -> None:
+            restorers[partition].feed(key, value)
+
+        await kafka.read_partitions(
+            s.bootstrap_servers,
+            s.state_topic,
+            list(restorers),
+            feed,
+            lambda: all(r.fenced for r in restorers.values()),
+            security=s.security,
+            timeout=s.restore_timeout,
+        )
+        rows = corrupt = 0
+        seeks = {}
+        for p, restorer in restorers.items():
+            for state in restorer.rows():
+                self.monitor.restore(state, p)
+                rows += 1
+            self._chunks.update(restorer.chunk_counts)
+            corrupt += restorer.corrupt
+            if restorer.offset is None:
+                continue
+            tp = kafka.TopicPartition(s.input_topic, p)
+            # The checkpoint is where the restored windows end: resume exactly there, whatever
+            # was committed (ahead of it if the daemon died between acknowledgement and commit).
+            self._consumer.seek(tp, restorer.offset)
+            self._consumed[tp] = restorer.offset
+            self._checkpointed[p] = restorer.offset
+            seeks[p] = restorer.offset
+        log.info(
+            "state_restored",
+            partitions=sorted(restorers),
+            rows=rows,
+            corrupt=corrupt,
+            records=sum(r.records_read for r in restorers.values()),
+            bytes=sum(r.bytes_read for r in restorers.values()),
+            seconds=round(time.perf_counter() - started, 3),
+            resume_offsets=seeks,
+        )
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -110,3 +110,16 @@ def test_nbytes_counts_the_window_arrays() -> None:
     """nbytes is the size of the values, timestamps and per-row counters."""
     bank = RingBank(100, channels=2, initial_rows=10)
     assert bank.nbytes == 2 * 10 * 100 * 8 + 10 * 100 * 8 + 3 * 10 * 8
+
+
+def test_max_rows_caps_growth_and_freed_rows_are_reused() -> None:
+    """With max_rows the arrays grow by doubling only up to it; beyond it allocate refuses, and a
+    released row is handed out again."""
+    bank = RingBank(4, initial_rows=16, max_rows=40)
+    rows = [bank.allocate() for _ in range(40)]
+    assert bank.capacity == 40 and sorted(rows) == list(range(40))
+    with pytest.raises(RuntimeError, match="full"):
+        bank.allocate()
+    bank.release(7)
+    assert bank.allocate() == 7 and bank.capacity == 40
+    assert RingBank(4, initial_rows=16, max_rows=3).capacity == 3

@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 
 from daemon.config import MonitorSettings
 from daemon.events import Decoder, encode
-from daemon.monitor import Monitor
+from daemon.monitor import MAX_SPLITS, Monitor
 from daemon.profiler import Profiler
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -377,3 +377,151 @@ def test_many_runs_in_one_vectorised_pass_match_per_run_oracles() -> None:
         if len(vs) <= 50:
             assert rec["metrics"]["mean"] == pytest.approx(vs.mean(), rel=1e-12)
             assert rec["metrics"]["p95"] == pytest.approx(np.percentile(vs, 95), rel=1e-12)
+
+
+# -- bounded memory: max_runs, idle_timeout, MAX_SPLITS ------------------------------------------
+
+
+def bt(run: str, *seconds: float) -> Any:
+    """A batch_time event of ``run`` without event time."""
+    return ev(type="batch_time", run_id=run, seconds=list(seconds))
+
+
+def test_capacity_eviction_emits_final_summaries_of_the_least_recently_active_run() -> None:
+    """A new run beyond max_runs evicts the least recently active run, all of its streams final."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), max_runs=2))
+    monitor.ingest(
+        [
+            bt("a", 1.0),
+            bt("b", 2.0),
+            ev(type="cv_fold", run_id="b", fold=0, train_loss=1.0, val_loss=2.0),
+        ],
+        now=1.0,
+    )
+    monitor.due(1.0)
+    monitor.ingest([bt("a", 3.0)], now=2.0)  # a is now more recent than b
+    monitor.ingest([bt("c", 4.0)], now=3.0)
+    assert monitor.runs_tracked == 2
+    assert monitor.runs_evicted == {"idle": 0, "capacity": 1}
+    records = monitor.due(3.0)
+    finals = sorted((r["run_id"], r["stream"], r["seq"], r["total"]) for r in records if r["final"])
+    assert finals == [("b", "batch_time", 1, 1), ("b", "cv", 1, 1)]  # not dirty, still final
+    assert sorted((r["run_id"], r["final"]) for r in records if not r["final"]) == [
+        ("a", False),
+        ("c", False),
+    ]
+
+
+def test_idle_runs_are_evicted_by_due_after_idle_timeout() -> None:
+    """due(now) evicts exactly the runs whose last ingest is more than idle_timeout before now."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), idle_timeout=10.0))
+    monitor.ingest([bt("a", 1.0)], now=0.0)
+    monitor.ingest([bt("b", 1.0)], now=5.0)
+    assert {r["run_id"] for r in monitor.due(5.0)} == {"a", "b"}
+    assert monitor.due(10.0) == []  # a is idle for exactly 10 s: not longer
+    records = monitor.due(10.5)
+    assert [(r["run_id"], r["final"], r["seq"]) for r in records] == [("a", True, 1)]
+    assert monitor.runs_tracked == 1 and monitor.runs_evicted == {"idle": 1, "capacity": 0}
+    monitor.ingest([bt("b", 2.0)], now=12.0)  # activity restarts b's clock
+    assert [r["final"] for r in monitor.due(21.0)] == [False]
+    assert [(r["run_id"], r["final"]) for r in monitor.due(22.5)] == [("b", True)]
+    assert monitor.runs_tracked == 0 and monitor.runs_evicted == {"idle": 2, "capacity": 0}
+
+
+def test_idle_timeout_zero_never_evicts() -> None:
+    """With idle_timeout 0 a run stays however long it is idle."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), idle_timeout=0))
+    monitor.ingest([bt("a", 1.0)], now=0.0)
+    monitor.due(0.0)
+    assert monitor.due(1e12) == [] and monitor.runs_tracked == 1
+
+
+def test_an_evicted_run_that_comes_back_starts_empty() -> None:
+    """After eviction a run id starts a new window: count, total and seq from zero."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), max_runs=1))
+    monitor.ingest([bt("a", 1.0, 2.0, 3.0)], now=1.0)
+    monitor.ingest([bt("b", 5.0)], now=2.0)  # evicts a
+    monitor.ingest([bt("a", 7.0)], now=3.0)  # evicts b; a comes back
+    records = monitor.due(3.0)
+    assert [(r["run_id"], r["final"], r["total"]) for r in records if r["final"]] == [
+        ("a", True, 3),
+        ("b", True, 1),
+    ]
+    fresh = [r for r in records if not r["final"]]
+    assert [(r["run_id"], r["count"], r["total"], r["seq"]) for r in fresh] == [("a", 1, 1, 0)]
+    assert fresh[0]["metrics"]["mean"] == 7.0
+    assert monitor.runs_evicted == {"idle": 0, "capacity": 2}
+
+
+def test_a_batch_with_more_runs_than_max_runs_summarises_each_value_once() -> None:
+    """However many new runs one batch brings, every value is in exactly one summary and at most
+    max_runs runs (and bank rows) remain."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), max_runs=5))
+    monitor.ingest([bt(f"old{i}", 1.0) for i in range(5)], now=1.0)
+    monitor.due(1.0)
+    monitor.ingest([bt(f"new{i}", float(i)) for i in range(12)], now=2.0)
+    records = monitor.due(2.0)
+    assert monitor.runs_tracked == 5 and monitor.runs_evicted["capacity"] == 12
+    new = [r for r in records if r["run_id"].startswith("new")]
+    assert sorted(r["run_id"] for r in new) == sorted(f"new{i}" for i in range(12))
+    assert all(r["total"] == 1 for r in new)
+    assert {r["run_id"] for r in records if r["run_id"].startswith("old")} == {
+        f"old{i}" for i in range(5)
+    }
+    assert monitor._batch_time.bank.capacity <= 5
+
+
+def test_banks_stay_within_max_runs_rows_while_runs_pass_through() -> None:
+    """Thousands of distinct runs through max_runs=20, in batches of 10 runs, evict one run per
+    new run and leave every bank at most 20 rows wide."""
+    monitor = Monitor(MonitorSettings(window=8, time_windows=(), max_runs=20))
+    for start in range(0, 2000, 10):
+        monitor.ingest(
+            [
+                event
+                for i in range(start, start + 10)
+                for event in (
+                    bt(f"r{i}", 0.1),
+                    ev(type="prediction", run_id=f"r{i}", task="binary", y_true=[1], y_pred=[0]),
+                    ev(type="features", run_id=f"r{i}", values=[1.0, 2.0]),
+                )
+            ],
+            now=float(start),
+        )
+        monitor.due(float(start))
+    assert monitor.runs_tracked == 20 and monitor.runs_evicted["capacity"] == 1980
+    assert monitor._batch_time.bank.capacity == monitor._features.bank.capacity == 20
+    # Prediction banks may hold MAX_SPLITS rows per run; doubling stops at twice the rows used.
+    assert monitor._binary.bank.capacity <= 2 * 20
+    assert monitor.events_ingested == 6000
+
+
+def test_a_run_keeps_at_most_max_splits_prediction_streams() -> None:
+    """A new split beyond MAX_SPLITS closes the run's oldest prediction stream with a final
+    summary; its other streams are untouched."""
+    monitor = Monitor(MonitorSettings(window=10, time_windows=()))
+    preds = [
+        ev(type="prediction", run_id="r", task="binary", split=f"s{i}", y_true=[1], y_pred=[1])
+        for i in range(MAX_SPLITS + 1)
+    ]
+    monitor.ingest([bt("r", 1.0), *preds[:MAX_SPLITS]], now=1.0)
+    monitor.due(1.0)
+    monitor.ingest([preds[MAX_SPLITS]], now=2.0)
+    records = monitor.due(2.0)
+    assert [(r["stream"], r["final"]) for r in records] == [
+        ("prediction/s0", True),
+        (f"prediction/s{MAX_SPLITS}", False),
+    ]
+    assert monitor.streams_evicted == 1 and monitor.rows_tracked == MAX_SPLITS + 1
+    assert monitor.runs_evicted == {"idle": 0, "capacity": 0}
+
+
+def test_a_restored_run_counts_as_active_from_the_next_call() -> None:
+    """A run rebuilt from the changelog is not idle-evicted for the time before its restore."""
+    source = Monitor(MonitorSettings(window=10, time_windows=()), track_changes=True)
+    source.ingest([bt("r", 1.0)], now=0.0)
+    (partition, state), *_ = source.state_changes()[0]
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(), idle_timeout=10.0))
+    monitor.restore(state, partition)
+    assert monitor.due(1000.0) == []
+    assert [(r["run_id"], r["final"], r["total"]) for r in monitor.due(1010.5)] == [("r", True, 1)]
