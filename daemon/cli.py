@@ -15,12 +15,21 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from daemon import logs
-from daemon.config import ConfigError, MonitorSettings, Settings, SimulateSettings
+from daemon.config import (
+    SECURITY_PROTOCOLS,
+    ConfigError,
+    MonitorSettings,
+    Secret,
+    Security,
+    Settings,
+    SimulateSettings,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +47,16 @@ def _time_windows(text: str) -> list[float]:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+
+
+def _flag(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
 def _add(
@@ -139,6 +158,28 @@ def _run_options(parser: argparse.ArgumentParser, *, interval: float) -> None:
         help="seconds each shutdown step (final flush, client stops) may take before giving up",
     )
     _add(
+        parser,
+        "--changelog",
+        default=True,
+        type=_flag,
+        help="keep window state in a compacted changelog topic so that restarts and rebalances "
+        "resume the windows (true/false)",
+    )
+    _add(
+        parser,
+        "--state-topic",
+        default="",
+        type=str,
+        help="changelog topic of window state (default: <group-id>.state)",
+    )
+    _add(
+        parser,
+        "--restore-timeout",
+        default=120.0,
+        type=float,
+        help="seconds restoring state on a partition assignment may take",
+    )
+    _add(
         parser, "--stats-interval", default=30.0, type=float, help="seconds between stats log lines"
     )
     _add(
@@ -162,6 +203,22 @@ def _run_options(parser: argparse.ArgumentParser, *, interval: float) -> None:
         type=int,
         help="multiclass labels must be below this (else dead-lettered)",
     )
+    _add(
+        parser,
+        "--max-runs",
+        default=10_000,
+        type=int,
+        help="runs tracked at once; a new run beyond this evicts the least recently active one "
+        "(after its final summaries)",
+    )
+    _add(
+        parser,
+        "--idle-timeout",
+        default=3600.0,
+        type=float,
+        help="seconds without events after which a run is evicted (after its final summaries); "
+        "0 = never",
+    )
 
 
 def _simulate_options(parser: argparse.ArgumentParser, *, runs: int, rate: float) -> None:
@@ -177,6 +234,89 @@ def _simulate_options(parser: argparse.ArgumentParser, *, runs: int, rate: float
     _add(parser, "--seed", default=0, type=int, help="random seed")
 
 
+def _security_options(parser: argparse.ArgumentParser) -> None:
+    """TLS and SASL of every Kafka client (``run`` and ``simulate``)."""
+    _add(
+        parser,
+        "--security-protocol",
+        default="PLAINTEXT",
+        type=str.upper,
+        choices=SECURITY_PROTOCOLS,
+        help="how to talk to the brokers",
+    )
+    _add(
+        parser,
+        "--ssl-cafile",
+        default="",
+        type=str,
+        help="PEM file of the CA(s) that signed the brokers' certificates (default: system CAs)",
+    )
+    _add(parser, "--ssl-certfile", default="", type=str, help="PEM client certificate (mutual TLS)")
+    _add(parser, "--ssl-keyfile", default="", type=str, help="unencrypted PEM key of the certfile")
+    _add(
+        parser,
+        "--ssl-check-hostname",
+        default=True,
+        type=_flag,
+        help="check that the broker's certificate names the host connected to (true/false)",
+    )
+    _add(
+        parser,
+        "--sasl-mechanism",
+        default="",
+        type=str.upper,
+        help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with SASL_*)",
+    )
+    _add(parser, "--sasl-username", default="", type=str, help="SASL username")
+    _add(
+        parser,
+        "--sasl-password",
+        default=None,
+        type=Secret,
+        help="SASL password; prefer the environment variable or --sasl-password-file, since other "
+        "local users can read a command line",
+    )
+    _add(
+        parser,
+        "--sasl-password-file",
+        default="",
+        type=str,
+        help="file holding the SASL password (a trailing newline is ignored)",
+    )
+
+
+def _security_from(args: argparse.Namespace) -> Security:
+    """The :class:`Security` of a parsed command line (PLAINTEXT for ``dev``: no such flags)."""
+    if not hasattr(args, "security_protocol"):
+        return Security()
+    password: Secret | None = args.sasl_password
+    if args.sasl_password_file:
+        if password is not None:
+            raise ConfigError(
+                "give the SASL password once: --sasl-password (METRICSD_SASL_PASSWORD) or "
+                "--sasl-password-file, not both"
+            )
+        path = args.sasl_password_file
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"sasl-password-file {path!r} cannot be read: {reason}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"sasl-password-file {path!r} is not UTF-8 text") from None
+        password = Secret(text.removesuffix("\n").removesuffix("\r"))
+    return Security(
+        security_protocol=args.security_protocol,
+        ssl_cafile=args.ssl_cafile or None,
+        ssl_certfile=args.ssl_certfile or None,
+        ssl_keyfile=args.ssl_keyfile or None,
+        ssl_check_hostname=args.ssl_check_hostname,
+        sasl_mechanism=args.sasl_mechanism or None,
+        sasl_username=args.sasl_username or None,
+        sasl_password=password,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (used by ``main`` and by the docker-compose test)."""
     parser = argparse.ArgumentParser(prog="metricsd", description=__doc__.splitlines()[0])
@@ -184,10 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon against a Kafka cluster")
     _common(run)
+    _security_options(run)
     _run_options(run, interval=5.0)
 
     sim = sub.add_parser("simulate", help="a synthetic training job producing events")
     _common(sim)
+    _security_options(sim)
     _simulate_options(sim, runs=4, rate=200.0)
     _add(sim, "--duration", default=0.0, type=float, help="seconds to run; 0 = until stopped")
 
@@ -229,6 +371,8 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
         threshold=args.threshold,
         max_array=args.max_array,
         max_classes=args.max_classes,
+        max_runs=args.max_runs,
+        idle_timeout=args.idle_timeout,
     )
     fields: dict[str, Any] = {
         "bootstrap_servers": getattr(args, "bootstrap_servers", "localhost:9092"),
@@ -240,8 +384,12 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
         "profile_interval": args.profile_interval,
         "stats_interval": args.stats_interval,
         "shutdown_timeout": args.shutdown_timeout,
+        "changelog": args.changelog,
+        "state_topic": args.state_topic,
+        "restore_timeout": args.restore_timeout,
         "partitions": args.partitions,
         "monitor": monitor,
+        "security": _security_from(args),
     }
     fields.update(overrides)
     return Settings(**fields)
@@ -256,6 +404,7 @@ def simulate_settings_from(args: argparse.Namespace, **overrides: Any) -> Simula
         "duration": args.duration,
         "seed": args.seed,
         "partitions": args.partitions,
+        "security": _security_from(args),
     }
     fields.update(overrides)
     return SimulateSettings(**fields)
@@ -278,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metricsd`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from daemon.kafka import KafkaAuthError  # imports aiokafka: not needed for --help
+
     try:
         if args.command == "run":
             settings = settings_from(args)
@@ -301,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"metricsd: error: {exc}\n")
     except ValueError as exc:  # e.g. an unknown log level
         parser.exit(2, f"metricsd: error: {exc}\n")
+    except KafkaAuthError as exc:  # logged once as kafka_auth_failed where it was detected
+        parser.exit(1, f"metricsd: error: {exc}\n")
     return 0
 
 
@@ -324,6 +477,7 @@ async def _dev(args: argparse.Namespace, stop: asyncio.Event) -> None:
                 settings.output_topic: settings.partitions,
                 settings.dead_letter_topic: settings.partitions,
             },
+            security=settings.security,
         )
         daemon_stop, sim_stop = asyncio.Event(), asyncio.Event()
         tasks = [
@@ -360,7 +514,9 @@ async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None
     """Print one line per count-window summary (and per profile record) as they arrive."""
     from daemon import kafka
 
-    consumer = kafka.consumer(bootstrap, group_id=f"{settings.group_id}-dev-printer")
+    consumer = kafka.consumer(
+        bootstrap, group_id=f"{settings.group_id}-dev-printer", security=settings.security
+    )
     await consumer.start()
     try:
         consumer.subscribe([settings.output_topic])

@@ -7,9 +7,20 @@ else reads the environment.
 
 from __future__ import annotations
 
+import hmac
+import os
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["ConfigError", "MonitorSettings", "Settings", "SimulateSettings"]
+__all__ = [
+    "ConfigError",
+    "MonitorSettings",
+    "Secret",
+    "Security",
+    "Settings",
+    "SimulateSettings",
+]
 
 
 class ConfigError(ValueError):
@@ -30,6 +41,8 @@ class MonitorSettings:
     threshold: float = 0.1
     max_array: int = 10_000
     max_classes: int = 1000
+    max_runs: int = 10_000  # runs tracked at once; a new run beyond it evicts the least recent
+    idle_timeout: float = 3600.0  # seconds without events before a run is evicted; 0 = never
 
     def __post_init__(self) -> None:
         _check(1 <= self.window <= 1_000_000, f"window must be in 1..1000000, got {self.window}")
@@ -47,6 +60,180 @@ class MonitorSettings:
             2 <= self.max_classes <= 100_000,
             f"max-classes must be in 2..100000, got {self.max_classes}",
         )
+        _check(
+            1 <= self.max_runs <= 10_000_000,
+            f"max-runs must be in 1..10000000, got {self.max_runs}",
+        )
+        _check(
+            0 <= self.idle_timeout < float("inf"),
+            f"idle-timeout must be >= 0 seconds (0 = never), got {self.idle_timeout}",
+        )
+
+
+class Secret:
+    """A string that never shows itself: ``repr``/``str`` (and so logs, tracebacks, ``repr`` of the
+    settings) are ``**********``; only :meth:`reveal` returns it, for the one call that needs it."""
+
+    __slots__ = ("_value",)
+    MASK = "**********"
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return self.MASK
+
+    __str__ = __repr__
+
+    def __structlog__(self) -> str:  # structlog's JSON fallback asks this before repr()
+        return self.MASK
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _loadable(flag: str, path: str, load: Callable[[], object]) -> None:
+    """``path`` is a readable file that ``load`` accepts; messages name ``flag`` and ``path``."""
+    _check(os.path.isfile(path), f"{flag} {path!r} does not exist or is not a file")
+    _check(os.access(path, os.R_OK), f"{flag} {path!r} is not readable")
+    try:
+        load()
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or "unreadable"
+        raise ConfigError(f"{flag} {path!r} could not be loaded: {reason}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How every Kafka client of the daemon connects: TLS and SASL, the same for all of them.
+
+    ``security_protocol``: ``PLAINTEXT`` (default), ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+    ``ssl_*`` apply to SSL/SASL_SSL only: ``ssl_cafile`` (PEM CA bundle; the system CAs when
+    absent), ``ssl_certfile`` + ``ssl_keyfile`` (a client certificate for mutual TLS; the key may
+    also sit in the certfile; encrypted keys are not supported), ``ssl_check_hostname``.
+    ``sasl_*`` apply to SASL_* only, and are then required: ``sasl_mechanism`` (``PLAIN``,
+    ``SCRAM-SHA-256``, ``SCRAM-SHA-512``), ``sasl_username``, ``sasl_password`` (a :class:`Secret`;
+    a ``str`` is wrapped). Files are checked here (they exist, are readable, and load as PEM), so a
+    bad path fails at start-up; no message ever contains the password.
+    """
+
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sasl_password, str):
+            object.__setattr__(self, "sasl_password", Secret(self.sasl_password))
+        if self.sasl_username == "":
+            object.__setattr__(self, "sasl_username", None)
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+        _check(
+            self.security_protocol in SECURITY_PROTOCOLS,
+            f"security-protocol must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+            f"got {self.security_protocol!r}",
+        )
+        if self.uses_ssl:
+            self._check_files()
+        else:
+            given = [
+                name.replace("_", "-")
+                for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+                if getattr(self, name) is not None
+            ] + ([] if self.ssl_check_hostname else ["ssl-check-hostname"])
+            _check(
+                not given,
+                f"{', '.join(given)} set with security-protocol {self.security_protocol}: "
+                "TLS settings need SSL or SASL_SSL",
+            )
+        if self.uses_sasl:
+            _check(
+                self.sasl_mechanism in SASL_MECHANISMS,
+                f"sasl-mechanism must be one of {', '.join(SASL_MECHANISMS)} with "
+                f"security-protocol {self.security_protocol}, got {self.sasl_mechanism!r}",
+            )
+            _check(
+                bool(self.sasl_username),
+                f"sasl-username is required with security-protocol {self.security_protocol}",
+            )
+            _check(
+                bool(self.sasl_password),
+                f"a SASL password is required with security-protocol {self.security_protocol} "
+                "(METRICSD_SASL_PASSWORD or --sasl-password-file)",
+            )
+        else:
+            given = [
+                flag
+                for flag, value in (
+                    ("sasl-mechanism", self.sasl_mechanism),
+                    ("sasl-username", self.sasl_username),
+                    ("sasl-password", self.sasl_password),
+                )
+                if value
+            ]
+            _check(
+                not given,
+                f"{', '.join(given)} set with security-protocol {self.security_protocol}: "
+                "SASL settings need SASL_PLAINTEXT or SASL_SSL",
+            )
+
+    def _check_files(self) -> None:
+        cafile, certfile, keyfile = self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile
+        if cafile is not None:
+            _loadable("ssl-cafile", cafile, lambda: ssl.create_default_context(cafile=cafile))
+        _check(keyfile is None or certfile is not None, "ssl-keyfile needs ssl-certfile as well")
+        if certfile is None:
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if keyfile is None:
+            _check(os.path.isfile(certfile), f"ssl-certfile {certfile!r} does not exist")
+            try:
+                # An empty password: an encrypted key fails here instead of prompting on the tty.
+                context.load_cert_chain(certfile, password="")
+            except (ssl.SSLError, OSError):
+                raise ConfigError(
+                    f"ssl-certfile {certfile!r} holds no (unencrypted) private key: "
+                    "give ssl-keyfile as well"
+                ) from None
+            return
+        _loadable("ssl-certfile", certfile, lambda: None)
+        _loadable("ssl-keyfile", keyfile, lambda: None)
+        try:
+            context.load_cert_chain(certfile, keyfile, password="")
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"ssl-certfile {certfile!r} with ssl-keyfile {keyfile!r} could not be loaded "
+                f"(an encrypted key, or not the certificate's key?): {exc.reason or exc}"
+            ) from None
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +251,11 @@ class Settings:
     partitions: int = 8
     max_records: int = 50_000
     shutdown_timeout: float = 15.0
+    changelog: bool = True  # window state backed by a compacted changelog topic
+    state_topic: str = ""  # "" means "<group_id>.state"
+    restore_timeout: float = 120.0
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    security: Security = field(default_factory=Security)  # TLS/SASL of every Kafka client
     instance: str = ""
 
     def __post_init__(self) -> None:
@@ -73,8 +264,11 @@ class Settings:
             _check(bool(getattr(self, name)), f"{name.replace('_', '-')} must not be empty")
         if not self.dead_letter_topic:
             object.__setattr__(self, "dead_letter_topic", f"{self.input_topic}.dlq")
-        topics = {self.input_topic, self.output_topic, self.dead_letter_topic}
-        _check(len(topics) == 3, "input, output and dead-letter topics must all differ")
+        if not self.state_topic:
+            object.__setattr__(self, "state_topic", f"{self.group_id}.state")
+        topics = {self.input_topic, self.output_topic, self.dead_letter_topic, self.state_topic}
+        _check(len(topics) == 4, "input, output, dead-letter and state topics must all differ")
+        _check(self.restore_timeout > 0, f"restore-timeout must be > 0, got {self.restore_timeout}")
         _check(self.interval > 0, f"interval must be > 0, got {self.interval}")
         _check(
             self.profile_interval > 0, f"profile-interval must be > 0, got {self.profile_interval}"
@@ -98,6 +292,7 @@ class SimulateSettings:
     duration: float = 0.0  # 0 = until stopped
     seed: int = 0
     partitions: int = 8
+    security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
         _check(bool(self.bootstrap_servers.strip()), "bootstrap-servers must not be empty")

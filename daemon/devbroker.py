@@ -13,7 +13,9 @@ aiokafka or asyncio. Broker output goes to a log file or to ``/dev/null``, never
 
 Tansu facts worth knowing (0.6.0): memory storage starts in a few milliseconds and loses every
 topic on exit; high watermarks are under-reported (see shared/BASELINES.md); transactions do not
-work.
+work. It serves no TLS (put a terminator in front and pass ``advertised``). With
+``authentication`` it offers SCRAM only (no PLAIN), and memory storage keeps no SCRAM users, so
+every login fails (``e=unknown-user``): fine for testing refusals, not for a successful login.
 """
 
 from __future__ import annotations
@@ -161,10 +163,25 @@ class DevBroker:
     All topics and offsets live in memory and vanish with the process.
     """
 
-    def __init__(self, port: int | None = None, *, log_path: Path | None = None) -> None:
-        """Choose the port (a free one if None) and the log file; spawns nothing yet."""
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        log_path: Path | None = None,
+        advertised: str | None = None,
+        authentication: bool = False,
+    ) -> None:
+        """Choose the port (a free one if None) and the log file; spawns nothing yet.
+
+        ``advertised`` (``host:port``) is the address the broker hands out in its metadata, for a
+        broker behind a TLS terminator or proxy (default: its own ``bootstrap``);
+        ``authentication`` makes it refuse clients that do not log in with SASL (Tansu's
+        ``--authentication``; ApiVersions, and so the readiness check, still works without).
+        """
         self.port: int = port if port is not None else free_port()
         self.bootstrap: str = f"{_HOST}:{self.port}"
+        self.advertised: str = advertised or self.bootstrap
+        self.authentication = authentication
         self.log_path: Path | None = log_path
         #: seconds from spawn to the first successful ApiVersions answer (set by start()).
         self.startup_seconds: float | None = None
@@ -199,15 +216,16 @@ class DevBroker:
         binary = tansu_path()
         if kafka_answers(self.bootstrap, timeout=0.5):
             raise DevBrokerError(f"something already answers Kafka on {self.bootstrap}")
-        url = f"tcp://{self.bootstrap}"
         argv = [
             str(binary),
             "broker",
             "--cluster-id", _CLUSTER_ID,
-            "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--listener-url", f"tcp://{self.bootstrap}",
+            "--advertised-listener-url", f"tcp://{self.advertised}",
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
+        if self.authentication:
+            argv.append("--authentication")
         if self.log_path is None:
             argv.append("--silent")
             out: IO[bytes] | int = subprocess.DEVNULL

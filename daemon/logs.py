@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -36,9 +36,7 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
-        renderer: structlog.types.Processor = structlog.processors.JSONRenderer(
-            serializer=orjson.dumps
-        )
+        renderer: structlog.types.Processor = structlog.processors.JSONRenderer(serializer=_dumps)
         structlog.configure(
             cache_logger_on_first_use=True,
             wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -57,10 +55,19 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         )
         foreign = structlog.dev.ConsoleRenderer()
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RepeatFilter(period=10.0))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, foreign],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(allow=["suppressed"]),
+                *shared,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                foreign,
+            ],
         )
     )
     root = logging.getLogger()
@@ -69,8 +76,31 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
     root.setLevel(max(numeric, logging.WARNING))
 
 
-def _dumps_text(obj: object, **_: object) -> str:
-    return orjson.dumps(obj).decode()
+def _dumps(obj: object, **kw: Any) -> bytes:
+    """orjson with non-string dict keys allowed; a log line never fails on a value's type."""
+    return orjson.dumps(obj, default=kw.get("default", repr), option=orjson.OPT_NON_STR_KEYS)
+
+
+def _dumps_text(obj: object, **kw: Any) -> str:
+    return _dumps(obj, **kw).decode()
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets a library's repeated message (same logger, same format string) through once per
+    ``period``; the next one that passes carries ``suppressed=N``. While a broker is down aiokafka
+    logs the same connection error ten times a second: ops get one line per period instead."""
+
+    def __init__(self, period: float) -> None:
+        super().__init__()
+        self._limiter = RateLimiter(period)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        suppressed = self._limiter.allow(f"{record.name}:{record.msg}")
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.suppressed = suppressed
+        return True
 
 
 class RateLimiter:

@@ -126,7 +126,9 @@ class TrainingJob:
 async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
     """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set."""
     await kafka.ensure_topics(
-        settings.bootstrap_servers, {settings.input_topic: settings.partitions}
+        settings.bootstrap_servers,
+        {settings.input_topic: settings.partitions},
+        security=settings.security,
     )
     rng = np.random.default_rng(settings.seed)
     runs = [
@@ -134,7 +136,7 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
         for i in range(settings.runs)
     ]
     next_id = settings.runs
-    producer = kafka.producer(settings.bootstrap_servers)
+    producer = kafka.producer(settings.bootstrap_servers, security=settings.security)
     await producer.start()
     sent = 0
     clock = asyncio.get_running_loop().time

@@ -103,3 +103,27 @@ def test_default_time_windows_are_60_and_300() -> None:
 def test_env_name_mapping() -> None:
     """Flags map to METRICSD_ upper-case names with underscores."""
     assert env_name("--bootstrap-servers") == "METRICSD_BOOTSTRAP_SERVERS"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_runs": 0}, "max-runs"),
+        ({"idle_timeout": -1.0}, "idle-timeout"),
+        ({"idle_timeout": float("nan")}, "idle-timeout"),
+        ({"idle_timeout": float("inf")}, "idle-timeout"),
+    ],
+)
+def test_memory_bounds_reject_bad_values(kwargs: dict[str, object], message: str) -> None:
+    """max-runs below 1 and a negative, NaN or infinite idle-timeout fail at construction."""
+    with pytest.raises(ConfigError, match=message):
+        MonitorSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_memory_bound_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-runs and --idle-timeout (or their METRICSD_* variables) reach MonitorSettings."""
+    defaults = settings_from(build_parser().parse_args(["run"])).monitor
+    assert (defaults.max_runs, defaults.idle_timeout) == (10_000, 3600.0)
+    monkeypatch.setenv("METRICSD_IDLE_TIMEOUT", "0")
+    settings = settings_from(build_parser().parse_args(["run", "--max-runs", "123"]))
+    assert settings.monitor.max_runs == 123 and settings.monitor.idle_timeout == 0.0

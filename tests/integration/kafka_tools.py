@@ -100,12 +100,14 @@ def produce_foreign(
     records: Iterable[ProduceRecord],
     *,
     timeout: float = 20.0,
+    config: Mapping[str, object] | None = None,
 ) -> list[tuple[int, int]]:
     """Produce with confluent-kafka, flush, and return ``(partition, offset)`` per record.
 
     Records keep their input order within a partition. With partition None the murmur2 partitioner
     is used, the same key -> partition mapping as the Java client and aiokafka. Raises
-    ``AssertionError`` if any record is not acknowledged within ``timeout`` seconds.
+    ``AssertionError`` if any record is not acknowledged within ``timeout`` seconds. ``config``
+    adds librdkafka settings (e.g. ``security.protocol``, ``ssl.ca.location``, ``sasl.*``).
     """
     producer = Producer(
         {
@@ -113,6 +115,7 @@ def produce_foreign(
             "partitioner": "murmur2_random",
             "linger.ms": 5,
             "message.timeout.ms": int(timeout * 1000),
+            **(config or {}),
         }
     )
     results: list[tuple[int, int] | str | None] = []
@@ -176,6 +179,7 @@ def read_topic_foreign(
     *,
     until: Until,
     timeout: float = 30.0,
+    config: Mapping[str, object] | None = None,
 ) -> list[ReadRecord]:
     """Read ``partitions`` of ``topic`` from the beginning with confluent-kafka ``assign()``.
 
@@ -192,6 +196,7 @@ def read_topic_foreign(
             "enable.auto.offset.store": False,
             "enable.partition.eof": False,
             "auto.offset.reset": "earliest",
+            **(config or {}),
         }
     )
     collected: list[ReadRecord] = []
