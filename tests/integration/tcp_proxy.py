@@ -76,3 +76,4 @@ class TcpProxy:
             self._call(self._cut())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
