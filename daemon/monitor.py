@@ -106,6 +106,8 @@ class _Kind:
     width: int
     bank: RingBank = field(init=False)
     dirty: dict[int, _Row] = field(default_factory=dict)
+    # Metrics do not depend on which slot holds a value (all but cv, which reads arrival order).
+    order_free: bool = True
     max_rows: int | None = None  # the bank's cap (the monitor frees rows before reaching it)
 
     def __post_init__(self) -> None:
@@ -148,6 +150,8 @@ class _Regression(_Kind):
 class _CrossValidation(_Kind):
     """Channels: fold id, train loss, val loss. A fold sent again replaces the earlier one."""
 
+    order_free = False
+
     def metrics(self, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
         # Fold ids are compared by their float64 bit patterns (equal floats, equal bits): a cast
         # to int64 overflows for ids near 2**63, which float64 rounds up to 2**63. Ids beyond
@@ -182,6 +186,28 @@ class _Computed:
     first: FloatArray
     last: FloatArray
 
+
+def _compact(
+    values: FloatArray, mask: BoolArray, counts: IntArray
+) -> tuple[FloatArray, BoolArray]:
+    """The masked slots of each row moved to the left of a block as wide as the fullest row.
+
+    A 60 s window often holds a fraction of the 1,000-slot buffer; sorting the padded full width
+    would cost as much as the count window. Slot order is not kept (only for order-free metrics).
+    """
+    width = int(counts.max(initial=0))
+    if width == 0 or width > mask.shape[1] // 2:
+        return values, mask
+    rows, cols = np.nonzero(mask)  # row-major: each row's slots in increasing column order
+    starts = np.cumsum(counts) - counts
+    positions = np.arange(rows.shape[0]) - np.repeat(starts, counts)
+    packed = np.zeros((values.shape[0], mask.shape[0], width), dtype=np.float64)
+    packed[:, rows, positions] = values[:, rows, cols]
+    return packed, np.arange(width)[None, :] < counts[:, None]
+
+
+# Slots per chunk of rows in one statistics pass: 2 MB per float64 temporary.
+_CHUNK_SLOTS = 1 << 18
 
 _ATTENTION_FIGURES = ("concentration", "entropy")
 _FEATURE_FIGURES = ("mean", "sparsity", "l2_norm")
@@ -624,6 +650,18 @@ class Monitor:
         self._removed.pop((state.run_id, state.stream), None)
 
     def _summaries(self, kind: _Kind, refs: list[_Row], now: float, *, final: bool) -> list[Record]:
+        """Records of ``refs`` (all windows), computed in row chunks of about ``_CHUNK_SLOTS``
+        slots: the gathered copies and masks stay small and warm in cache instead of costing
+        page faults on every tick (10,000 runs x 1,000 slots would be 80 MB per temporary)."""
+        step = max(1, _CHUNK_SLOTS // kind.bank.width)
+        records: list[Record] = []
+        for start in range(0, len(refs), step):
+            records += self._chunk_summaries(kind, refs[start : start + step], now, final=final)
+        return records
+
+    def _chunk_summaries(
+        self, kind: _Kind, refs: list[_Row], now: float, *, final: bool
+    ) -> list[Record]:
         bank = kind.bank
         rows = np.fromiter((r.row for r in refs), dtype=np.int64, count=len(refs))
         with self.profiler.profile_operation(f"{kind.name}_stats", "stats"):
@@ -653,7 +691,10 @@ class Monitor:
                     per_row = [dict(m) for m in base.per_row]
                     first, last_ts = base.first, base.last
                 else:
-                    per_row = kind.metrics(values, mask, rows)
+                    if kind.order_free and window["kind"] == "time":
+                        per_row = kind.metrics(*_compact(values, mask, counts), rows)
+                    else:
+                        per_row = kind.metrics(values, mask, rows)
                     first = np.where(mask, ts, np.inf).min(axis=1)
                     last_ts = np.where(mask, ts, -np.inf).max(axis=1)
                 computed.append(_Computed(window, truncated, per_row, counts, first, last_ts))
