@@ -12,6 +12,7 @@ Errors are translated here: a refused TLS handshake or SASL login becomes one ``
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import re
 import ssl
@@ -272,18 +273,18 @@ async def ensure_topics(
     *,
     security: Security,
     configs: dict[str, dict[str, str]] | None = None,
-    timeout: float = 60.0,
+    timeout: float | None = 60.0,
 ) -> list[str]:
     """Create the topics that do not exist yet (name -> partitions); return the ones created.
 
     ``configs`` gives topic configs by name (e.g. ``cleanup.policy=compact`` for a changelog).
 
-    Retries with exponential backoff while the broker is unreachable, up to ``timeout`` seconds;
-    then raises ``KafkaConnectionError``. A refused TLS handshake or SASL login is not retried:
+    Retries with exponential backoff (capped at 5 s) while the broker is unreachable, up to
+    ``timeout`` seconds (None: until cancelled); then raises ``KafkaConnectionError``. A refused TLS handshake or SASL login is not retried:
     ``KafkaAuthError`` at once (see ``check_connection``).
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = math.inf if timeout is None else loop.time() + timeout
     delay = 0.2
     while True:
         admin = AIOKafkaAdminClient(

@@ -22,6 +22,7 @@ reverse order of start-up, and one ``stopped`` line with the counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -105,7 +106,9 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        created = await kafka.ensure_topics(
+        # An unreachable broker at start-up is waited for (with backoff and a warning per
+        # attempt) until it comes or a signal arrives; refused TLS/SASL fails at once.
+        topics = kafka.ensure_topics(
             s.bootstrap_servers,
             {
                 s.input_topic: s.partitions,
@@ -113,7 +116,12 @@ class Service:
                 s.dead_letter_topic: s.partitions,
             },
             security=s.security,
+            timeout=None,
         )
+        done, created = await _unless_stopped(topics, stop)
+        if not done:
+            log.info("stopped", reason="signal before the broker was reachable")
+            return
         log.info(
             "topics_ready",
             created=created,
@@ -527,6 +535,22 @@ class Service:
             seconds=round(time.perf_counter() - started, 3),
             resume_offsets=seeks,
         )
+
+
+async def _unless_stopped(
+    work: Coroutine[Any, Any, list[str]], stop: asyncio.Event
+) -> tuple[bool, list[str]]:
+    """``(True, result)`` of ``work``, or ``(False, [])`` when ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False, []
 
 
 def _tune_gc() -> None:

@@ -89,3 +89,41 @@ def test_broker_cut_for_10_seconds_mid_stream(tmp_path: Path) -> None:
         assert final["metrics"]["p95"] == pytest.approx(np.percentile(vs, 95), rel=1e-9)
         seqs = sorted({r["seq"] for r in seen if r["run_id"] == run})
         assert seqs == list(range(len(seqs))), f"a summary of {run} was lost: seqs {seqs}"
+
+
+def test_broker_down_at_start_up_is_waited_for(tmp_path: Path) -> None:
+    """A daemon started before its broker keeps retrying, then summarises once the broker is up;
+    a daemon whose broker never comes exits 0 on SIGTERM."""
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    waiting = DaemonProcess(
+        ["--bootstrap-servers", bootstrap, "--input-topic", "late", "--output-topic", "late.out",
+         "--interval", "0.5", "--time-window", "0", "--partitions", "1"],
+        tmp_path / "waiting.log",
+    ).start()  # fmt: skip
+    never = DaemonProcess(
+        ["--bootstrap-servers", f"127.0.0.1:{free_port()}", "--input-topic", "x"],
+        tmp_path / "never.log",
+    ).start()
+    broker = DevBroker(port=port, log_path=tmp_path / "tansu.log")
+    try:
+        warning = waiting.wait_for_log(lambda line: line.get("event") == "broker_unreachable")
+        assert warning["bootstrap_servers"] == bootstrap
+        time.sleep(3)
+        assert waiting.proc is not None and waiting.proc.poll() is None
+        broker.start()
+        waiting.wait_for_log(lambda line: line.get("event") == "partitions_assigned", timeout=60)
+        produce_foreign(bootstrap, "late", [
+            (b"r", orjson.dumps({"type": "batch_time", "run_id": "r", "seconds": s}), None)
+            for s in (1.0, 2.0, 6.0)
+        ])  # fmt: skip
+        out = read_topic_foreign(bootstrap, "late.out", [0], until=lambda got: len(got) > 0,
+                                 timeout=30)  # fmt: skip
+        assert orjson.loads(out[0][1])["metrics"]["mean"] == pytest.approx(3.0)
+        assert waiting.terminate() == 0
+        never.wait_for_log(lambda line: line.get("event") == "broker_unreachable")
+        assert never.terminate(timeout=10) == 0
+    finally:
+        waiting.kill()
+        never.kill()
+        broker.stop()
