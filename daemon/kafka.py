@@ -12,8 +12,8 @@ Errors are translated here: a refused TLS handshake or SASL login becomes one ``
 from __future__ import annotations
 
 import asyncio
-import math
 import contextlib
+import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
