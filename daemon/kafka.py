@@ -280,8 +280,8 @@ async def ensure_topics(
     ``configs`` gives topic configs by name (e.g. ``cleanup.policy=compact`` for a changelog).
 
     Retries with exponential backoff (capped at 5 s) while the broker is unreachable, up to
-    ``timeout`` seconds (None: until cancelled); then raises ``KafkaConnectionError``. A refused TLS handshake or SASL login is not retried:
-    ``KafkaAuthError`` at once (see ``check_connection``).
+    ``timeout`` seconds (None: until cancelled); then raises ``KafkaConnectionError``. A refused
+    TLS handshake or SASL login is not retried: ``KafkaAuthError`` at once (``check_connection``).
     """
     loop = asyncio.get_running_loop()
     deadline = math.inf if timeout is None else loop.time() + timeout
