@@ -80,14 +80,22 @@ def _add(
     )
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    _add(
-        parser,
-        "--bootstrap-servers",
-        default="localhost:9092",
-        type=str,
-        help="Kafka bootstrap servers, host:port[,host:port]",
-    )
+def _common(
+    parser: argparse.ArgumentParser,
+    *,
+    broker: bool = True,
+    partitions: int = 8,
+    log_level: str = "INFO",
+) -> None:
+    """Options every subcommand has; ``broker=False`` for ``dev``, which brings its own."""
+    if broker:
+        _add(
+            parser,
+            "--bootstrap-servers",
+            default="localhost:9092",
+            type=str,
+            help="Kafka bootstrap servers, host:port[,host:port]",
+        )
     _add(
         parser,
         "--input-topic",
@@ -96,9 +104,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="topic of training events",
     )
     _add(
-        parser, "--partitions", default=8, type=int, help="partitions of topics created by metricsd"
+        parser,
+        "--partitions",
+        default=partitions,
+        type=int,
+        help="partitions of topics created by metricsd",
     )
-    _add(parser, "--log-level", default="INFO", type=str, help="DEBUG, INFO, WARNING or ERROR")
+    _add(parser, "--log-level", default=log_level, type=str, help="DEBUG, INFO, WARNING or ERROR")
     _add(
         parser,
         "--log-format",
@@ -334,17 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sim, "--duration", default=0.0, type=float, help="seconds to run; 0 = until stopped")
 
     dev = sub.add_parser("dev", help="zero-setup demo: embedded broker + daemon + simulated job")
-    _add(dev, "--partitions", default=4, type=int, help="partitions of the demo topics")
-    _add(dev, "--log-level", default="WARNING", type=str, help="daemon log level during the demo")
-    _add(
-        dev,
-        "--log-format",
-        default="auto",
-        type=str,
-        choices=("auto", "json", "console"),
-        help="auto: console on a TTY, JSON lines otherwise",
-    )
-    _add(dev, "--input-topic", default="training.events", type=str, help="topic of training events")
+    _common(dev, broker=False, partitions=4, log_level="WARNING")
     _run_options(dev, interval=2.0)
     _simulate_options(dev, runs=3, rate=100.0)
     _add(dev, "--duration", default=0.0, type=float, help="seconds to run; 0 = until Ctrl-C")
@@ -511,20 +513,29 @@ async def _dev(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None:
-    """Print one line per count-window summary (and per profile record) as they arrive."""
+    """Print one line per count-window summary (and per profile record) as they arrive.
+
+    The summary topic is at-least-once: like any consumer of it, the printer de-duplicates on
+    ``id`` (profiles on instance and time)."""
     from daemon import kafka
 
     consumer = kafka.consumer(
         bootstrap, group_id=f"{settings.group_id}-dev-printer", security=settings.security
     )
     await consumer.start()
+    seen: set[Any] = set()
     try:
         consumer.subscribe([settings.output_topic])
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    line = _describe(orjson.loads(record.value))
+                    body = orjson.loads(record.value)
+                    identity = body.get("id") or (body.get("instance"), body.get("emitted_at"))
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+                    line = _describe(body)
                     if line:
                         print(line, file=out, flush=True)
     finally:

@@ -104,7 +104,7 @@ class TrainingJob:
         accuracy = 0.55 + 0.4 * progress
         if self.task == "regression":
             y_true = rng.normal(0, 1, n)
-            y_pred = y_true + rng.normal(0, 1.2 - progress, n)
+            y_pred = y_true + rng.normal(0, 0.8 - 0.6 * progress, n)
             yt, yp = np.round(y_true, 6).tolist(), np.round(y_pred, 6).tolist()
         else:
             k = 2 if self.task == "binary" else self.classes
