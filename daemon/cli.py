@@ -557,7 +557,7 @@ def _describe(record: dict[str, Any]) -> str | None:
         top = ", ".join(f"{op['name']} p50={_fmt(op['p50_us'])}us" for op in ops)
         return (
             f"[profile] ticks={record['ticks']} tick_p50_ms={_fmt(record['tick_ms']['p50'])} "
-            f"overhead={_fmt(record['overhead_fraction'])} | {top}"
+            f"tick_overhead={_fmt(record['tick_overhead_fraction'])} | {top}"
         )
     if record.get("type") != "summary" or record["window"]["kind"] != "count":
         return None

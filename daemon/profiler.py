@@ -9,7 +9,8 @@ Plan
   (count, total, mean, p50/p95/p99/max in microseconds) with the same window-statistics code the
   daemon applies to training data (``stats.quantiles``), then starts a new interval.
 - The profiler measures its own cost once at construction (a calibration loop of empty
-  operations) and reports ``overhead_fraction`` = recorded calls x cost per call / tick time.
+  operations) and reports ``tick_overhead_fraction`` = calls inside ticks x cost per call / tick
+  time, and ``overhead_fraction``, the same over everything it timed (ticks and ingests).
 
 Not re-entrant per operation: the same name must not be nested inside itself (different names may
 nest freely). No I/O and no clock of its own beyond ``perf_counter_ns`` for durations.
@@ -30,6 +31,8 @@ __all__ = ["Operation", "Profiler"]
 
 _perf_ns = time.perf_counter_ns
 TICK = "tick"
+# Categories of the operations that run inside a tick (the tick itself included).
+TICK_CATEGORIES = frozenset({"tick", "stats", "publish", "state"})
 
 
 class Operation:
@@ -125,7 +128,8 @@ class Profiler:
 
         Per operation: count, total_us, mean_us and p50/p95/p99/max over the retained durations
         (null when the operation did not run). ``tick_ms`` summarises the ``tick`` operation and
-        ``overhead_fraction`` = calls x calibrated cost per call / total tick time (null without
+        ``tick_overhead_fraction`` = calls inside ticks x calibrated cost per call / tick time;
+        ``overhead_fraction`` = all calls x cost / (tick + ingest time) (both null without
         ticks).
         """
         ops = [op for op in self._operations.values() if op.count]
@@ -158,6 +162,7 @@ class Profiler:
         tick = next((r for r in rows if r["name"] == TICK), None)
         tick_ms: dict[str, float | None] = {k: None for k in ("mean", "p50", "p95", "p99", "max")}
         overhead: float | None = None
+        tick_overhead: float | None = None
         if tick is not None:
             tick_ms = {
                 "mean": tick["mean_us"] / 1000.0,
@@ -171,6 +176,11 @@ class Profiler:
             busy_ns = sum(op.total_ns for op in ops if op.category in ("tick", "ingest"))
             if busy_ns > 0:
                 overhead = calls * self.cost_per_call_ns / busy_ns
+            # The same, for the tick alone: the operations timed inside ticks over tick time.
+            in_tick = sum(op.count for op in ops if op.category in TICK_CATEGORIES)
+            tick_ns = next(op.total_ns for op in ops if op.name == TICK)
+            if tick_ns > 0:
+                tick_overhead = in_tick * self.cost_per_call_ns / tick_ns
         for op in ops:
             op.reset()
         return {
@@ -178,5 +188,6 @@ class Profiler:
             "ticks": tick["count"] if tick is not None else 0,
             "tick_ms": tick_ms,
             "overhead_fraction": overhead,
+            "tick_overhead_fraction": tick_overhead,
             "operations": rows,
         }

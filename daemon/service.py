@@ -411,6 +411,7 @@ class Service:
             ticks=body["ticks"],
             tick_ms=body["tick_ms"],
             overhead_fraction=body["overhead_fraction"],
+            tick_overhead_fraction=body["tick_overhead_fraction"],
             operations={
                 op["name"]: {
                     "count": op["count"],

@@ -80,6 +80,11 @@ def test_overhead_is_a_small_fraction_of_real_ticks() -> None:
     assert report["ticks"] == 5
     assert report["tick_ms"]["p50"] > 0
     assert 0 < report["overhead_fraction"] < 0.01
+    # 20 timed calls inside ticks (5 ticks + 15 stats) against the ticks' total time.
+    tick_ns = report["tick_ms"]["mean"] * 1e6 * 5
+    assert report["tick_overhead_fraction"] == pytest.approx(
+        20 * profiler.cost_per_call_ns / tick_ns, rel=1e-6
+    )
     assert profiler.cost_per_call_ns > 0
 
 
