@@ -178,7 +178,7 @@ class Profiler:
                 overhead = calls * self.cost_per_call_ns / busy_ns
             # The same, for the tick alone: the operations timed inside ticks over tick time.
             in_tick = sum(op.count for op in ops if op.category in TICK_CATEGORIES)
-            tick_ns = next(op.total_ns for op in ops if op.name == TICK)
+            tick_ns = tick["total_us"] * 1000.0
             if tick_ns > 0:
                 tick_overhead = in_tick * self.cost_per_call_ns / tick_ns
         for op in ops:

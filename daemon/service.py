@@ -299,6 +299,13 @@ class Service:
             return
         self._in_flight.append((item, future))
 
+    async def _publish_summaries(self, records: list[dict[str, Any]]) -> None:
+        """Send summary records to the output topic, keyed by run (acks awaited by ``_settle``)."""
+        output = self.settings.output_topic
+        for record in records:
+            await self._send((output, record["run_id"].encode(), encode(record), None))
+        self.counters.summaries += len(records)
+
     async def _settle(self) -> bool:
         """Await the records in flight; failed ones go back for retry. True if all acked."""
         in_flight, self._in_flight = self._in_flight, []
@@ -334,10 +341,7 @@ class Service:
             with self.profiler.profile_operation("publish", "publish"):
                 for item in retry:
                     await self._send(item)
-                output = self.settings.output_topic
-                for record in records:
-                    await self._send((output, record["run_id"].encode(), encode(record), None))
-                self.counters.summaries += len(records)
+                await self._publish_summaries(records)
                 if changes is not None:
                     await self._write_state(positions, *changes)
                 acked = await self._settle()
@@ -460,10 +464,8 @@ class Service:
             released = self.monitor.release_partitions(
                 (tp.partition for tp in revoked), time.time()
             )
-            for record in released:  # dirty data was published above; this is normally empty
-                await self._send(
-                    (self.settings.output_topic, record["run_id"].encode(), encode(record), None)
-                )
+            # Dirty data was published by the tick above: this is normally empty.
+            await self._publish_summaries(released)
             await self._settle()
             for tp in revoked:
                 self._consumed.pop(tp, None)
