@@ -197,15 +197,15 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
 
 
 def daemon_consumer(bootstrap: str, group_id: str) -> Any:
-    """``daemon.kafka.consumer`` with the daemon's default connection settings.
+    """``metricsd.kafka.consumer`` with the daemon's default connection settings.
 
     Passes ``security`` only if the factory takes it (the signature is evolving), so the bare loop
     always reads with exactly the consumer options the daemon uses.
     """
     import inspect
 
-    from daemon import kafka
-    from daemon.config import Settings
+    from metricsd import kafka
+    from metricsd.config import Settings
 
     extra: dict[str, Any] = {}
     if "security" in inspect.signature(kafka.consumer).parameters:

@@ -8,7 +8,7 @@ Plan
 2. For each repetition, in one process, one after the other (the order alternates between
    repetitions), each with a fresh consumer group and its own event loop:
 
-   - **daemon**: ``daemon.service.Service`` itself, with the default profiler, ``interval``,
+   - **daemon**: ``metricsd.service.Service`` itself, with the default profiler, ``interval``,
      ``profile_interval`` and ``stats_interval`` of one hour so that no tick, profile or stats
      line happens while it is measured. Two timestamps are taken around its consume step
      (``Service._consume``, the per-``getmany`` call): before the first one starts and after the
@@ -16,7 +16,7 @@ Plan
      ``Service`` no longer has ``_consume``, a watcher task polling ``counters.events`` every
      5 ms takes over (``timing`` in the JSON says which was used).
    - **bare loop**: what BASELINES.md calls the limit of the stack: the same consumer settings
-     (``daemon.kafka.consumer``, same group subscription, ``max_records`` as the daemon),
+     (``metricsd.kafka.consumer``, same group subscription, ``max_records`` as the daemon),
      ``getmany``, ``orjson.loads`` of every value, values grouped per run_id, then one bulk NumPy
      ring write per key per ``getmany``. Timed from the return of the first non-empty
      ``getmany`` to the end of the batch that completes N.
@@ -47,12 +47,12 @@ from typing import Any
 
 import numpy as np
 import orjson
+from metricsd.config import Settings
+from metricsd.devbroker import DevBroker
+from metricsd.service import Service
 from numpy.typing import NDArray
 
 from bench.common import Figure, Sizes, create_topics, daemon_consumer, paired
-from daemon.config import Settings
-from daemon.devbroker import DevBroker
-from daemon.service import Service
 
 __all__ = ["prediction_records", "run", "scalar_records"]
 

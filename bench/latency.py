@@ -11,7 +11,7 @@ all windows of one tick carry the same ``total``). Both instants are read from t
 Setup
 -----
 A fresh embedded broker; per repetition fresh topics and a fresh group; the daemon as a real child
-process (``python -m daemon.cli run --interval <interval>``, every other flag at its default,
+process (``python -m metricsd.cli run --interval <interval>``, every other flag at its default,
 time windows included), started and given its partitions (its ``partitions_assigned`` log line)
 before the first event is sent. The bench process runs the load (an aiokafka producer with
 ``linger_ms=0``, ``acks=1``, events spread evenly over ``runs`` runs at ``rate`` events/s, sent
@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from metricsd.devbroker import DevBroker
 from numpy.typing import NDArray
 
 from bench.common import REPO, Figure, Sizes, create_topics
-from daemon.devbroker import DevBroker
 
 __all__ = ["Latencies", "run"]
 
@@ -95,14 +95,14 @@ class Latencies:
 
 
 class _Daemon:
-    """``python -m daemon.cli run`` as a child process, JSON logs in a file, stopped by PID."""
+    """``python -m metricsd.cli run`` as a child process, JSON logs in a file, stopped by PID."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("METRICSD_")}
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "run", "--log-format", "json", *args],
+                [sys.executable, "-m", "metricsd.cli", "run", "--log-format", "json", *args],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -41,10 +41,10 @@ _MIB = 1024 * 1024
 
 def measure(runs: int, window: int) -> dict[str, float]:
     """The figures of one fresh process (call only in a fresh interpreter)."""
-    from daemon.config import MonitorSettings
-    from daemon.events import BatchTime
-    from daemon.monitor import Monitor
-    from daemon.profiler import Profiler
+    from metricsd.config import MonitorSettings
+    from metricsd.events import BatchTime
+    from metricsd.monitor import Monitor
+    from metricsd.profiler import Profiler
 
     rng = np.random.default_rng(5)
     gc.collect()

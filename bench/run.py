@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sizes = Sizes.full() if args.repeat is None else Sizes.full(args.repeat)
 
-    from daemon import logs
+    from metricsd import logs
 
     logs.configure("WARNING", "json")  # the in-process daemon's info lines stay out
     started = time.perf_counter()

@@ -50,13 +50,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from metricsd.config import MonitorSettings
+from metricsd.events import BatchTime
+from metricsd.monitor import Monitor
+from metricsd.profiler import Profiler
 from numpy.typing import NDArray
 
 from bench.common import Figure, Sizes, paired
-from daemon.config import MonitorSettings
-from daemon.events import BatchTime
-from daemon.monitor import Monitor
-from daemon.profiler import Profiler
 
 __all__ = ["LOOPS", "generate", "per_run_loop", "run", "run_profiler"]
 

@@ -13,8 +13,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
-from daemon.devbroker import DevBroker
+from metricsd.devbroker import DevBroker
 
 
 @pytest.fixture(scope="session")

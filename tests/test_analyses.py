@@ -1,4 +1,4 @@
-"""Tests for daemon.analyses: vectorised batch results against plain per-event oracles."""
+"""Tests for metricsd.analyses: vectorised batch results against plain per-event oracles."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from numpy.typing import NDArray
-
-from daemon.analyses import (
+from metricsd.analyses import (
     ATTENTION_METRICS,
     CV_METRICS,
     FEATURE_METRICS,
@@ -21,6 +19,7 @@ from daemon.analyses import (
     latest_per_fold,
     latest_per_fold_2d,
 )
+from numpy.typing import NDArray
 
 # The module promises never to emit a RuntimeWarning (numpy overflow, division): make one a failure.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from daemon.buffers import RingBank
+from metricsd.buffers import RingBank
 
 
 def _window(bank: RingBank, row: int) -> list[tuple[float, float, float]]:

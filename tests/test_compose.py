@@ -2,9 +2,9 @@
 
 The compose file cannot be run here (no Docker engine), so it is checked statically: the services
 exist, Kafka is a single KRaft node whose listeners agree with each other, the apps wait for a
-healthy broker, and every subcommand, ``--flag`` and ``METRICSD_*`` variable the file uses exists in
-``daemon.cli.build_parser()`` and parses. If ``docker-compose`` is installed, its own validator runs
-too.
+healthy broker, and every subcommand, ``--flag`` and ``METRICSD_*`` variable the file uses exists
+in ``metricsd.cli.build_parser()`` and parses. If ``docker-compose`` is installed, its own validator
+runs too.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from daemon.cli import build_parser
+from metricsd.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

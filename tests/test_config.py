@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from daemon.cli import build_parser, env_name, settings_from
-from daemon.config import ConfigError, MonitorSettings, Settings, SimulateSettings
+from metricsd.cli import build_parser, env_name, settings_from
+from metricsd.config import ConfigError, MonitorSettings, Settings, SimulateSettings
 
 
 @pytest.mark.parametrize(

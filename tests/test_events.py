@@ -1,4 +1,4 @@
-"""daemon.events: the decoder agrees with schemas/event.schema.json; encode and dead_letter records.
+"""metricsd.events: the decoder agrees with schemas/event.schema.json; encode, dead_letter records.
 
 The oracle is jsonschema on event.schema.json (with ECMA-262 "$", see tests/test_schemas.py). The
 decoder must accept exactly what it accepts, except for the rules JSON Schema cannot express, which
@@ -25,9 +25,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from test_schemas import INVALID_EVENTS, VALID_EVENTS, validator
-
-from daemon.events import (
+from metricsd.events import (
     REASONS,
     Attention,
     BatchTime,
@@ -40,6 +38,7 @@ from daemon.events import (
     dead_letter,
     encode,
 )
+from test_schemas import INVALID_EVENTS, VALID_EVENTS, validator
 
 DECODER = Decoder()
 EVENT_SCHEMA = validator("event")

@@ -30,11 +30,10 @@ from typing import Any, TypeVar
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from metricsd.config import MonitorSettings
+from metricsd.events import REASONS, TASKS, Decoder, InvalidEvent, dead_letter, encode
+from metricsd.monitor import Monitor
 from test_schemas import validator
-
-from daemon.config import MonitorSettings
-from daemon.events import REASONS, TASKS, Decoder, InvalidEvent, dead_letter, encode
-from daemon.monitor import Monitor
 
 T = TypeVar("T")
 Doc = dict[str, Any]

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import textwrap
 
-from daemon.monitor import MAX_SPLITS
+from metricsd.monitor import MAX_SPLITS
 
 W = 256
 R = 1_000
@@ -48,9 +48,9 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from daemon.config import MonitorSettings
-    from daemon.events import Attention, BatchTime, CvFold, Features, Prediction
-    from daemon.monitor import Monitor
+    from metricsd.config import MonitorSettings
+    from metricsd.events import Attention, BatchTime, CvFold, Features, Prediction
+    from metricsd.monitor import Monitor
 
     def rss():
         with open("/proc/self/status") as status:

@@ -10,13 +10,12 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
+from metricsd.config import MonitorSettings
+from metricsd.events import Decoder, encode
+from metricsd.monitor import MAX_SPLITS, Monitor
+from metricsd.profiler import Profiler
 from scipy import stats as sps
 from sklearn import metrics as skm
-
-from daemon.config import MonitorSettings
-from daemon.events import Decoder, encode
-from daemon.monitor import MAX_SPLITS, Monitor
-from daemon.profiler import Profiler
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 _decoder = Decoder()

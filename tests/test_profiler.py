@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-
-from daemon.profiler import Profiler
+from metricsd.profiler import Profiler
 
 
 def test_records_each_operation_with_count_and_quantiles() -> None:

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator, validators
+from metricsd.events import REASONS, Decoder, InvalidEvent
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
-
-from daemon.events import REASONS, Decoder, InvalidEvent
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 EVENT_TYPES = ("batch_time", "prediction", "run_end", "cv_fold", "attention", "features")
@@ -133,7 +132,7 @@ def test_schema_limits_match_decoder_defaults() -> None:
 
 
 def test_dead_letter_reasons_match_code() -> None:
-    """The dead_letter reason enum lists exactly daemon.events.REASONS, in order."""
+    """The dead_letter reason enum lists exactly metricsd.events.REASONS, in order."""
     assert load("dead_letter")["properties"]["reason"]["enum"] == list(REASONS)
 
 

@@ -25,12 +25,11 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from metricsd import kafka
+from metricsd.cli import build_parser, main, settings_from, simulate_settings_from
+from metricsd.config import ConfigError, Secret, Security, Settings, SimulateSettings
+from metricsd.devbroker import free_port
 from structlog.testing import capture_logs
-
-from daemon import kafka
-from daemon.cli import build_parser, main, settings_from, simulate_settings_from
-from daemon.config import ConfigError, Secret, Security, Settings, SimulateSettings
-from daemon.devbroker import free_port
 
 PASSWORD = "hunter2-Zq8v"
 MASK = "**********"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-
-from daemon import state as state_mod
-from daemon.buffers import RowSnapshot
-from daemon.config import MonitorSettings
-from daemon.events import Decoder
-from daemon.monitor import Monitor
-from daemon.state import (
+from metricsd import state as state_mod
+from metricsd.buffers import RowSnapshot
+from metricsd.config import MonitorSettings
+from metricsd.events import Decoder
+from metricsd.monitor import Monitor
+from metricsd.state import (
     Restorer,
     RowState,
     checkpoint_record,

@@ -1,4 +1,4 @@
-"""Tests for daemon.stats: every statistic against numpy/scipy/sklearn (and exact arithmetic).
+"""Tests for metricsd.stats: every statistic against numpy/scipy/sklearn (and exact arithmetic).
 
 Oracles run per row on the valid values only; our functions run on whole blocks with random masks
 and garbage (NaN, ±inf, huge numbers) in the invalid slots, under ``warnings.simplefilter("error")``
@@ -23,11 +23,8 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from numpy.typing import NDArray
-from sklearn import metrics as skm
-
-from daemon import stats
-from daemon.stats import (
+from metricsd import stats
+from metricsd.stats import (
     BINARY_METRICS,
     MULTICLASS_METRICS,
     NUMERIC_METRICS,
@@ -38,6 +35,8 @@ from daemon.stats import (
     quantiles,
     regression_summary,
 )
+from numpy.typing import NDArray
+from sklearn import metrics as skm
 
 EPS = float(np.finfo(np.float64).eps)
 NAN = math.nan

@@ -16,7 +16,7 @@ LogLine = dict[str, Any]
 
 
 class DaemonProcess:
-    """``python -m daemon.cli run ...`` with stderr (JSON logs) in a file; stopped by PID."""
+    """``python -m metricsd.cli run ...`` with stderr (JSON logs) in a file; stopped by PID."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.args = args
@@ -28,7 +28,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METRICSD_")}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "run", "--log-format", "json", *self.args],
+                [sys.executable, "-m", "metricsd.cli", "run", "--log-format", "json", *self.args],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -32,7 +32,7 @@ import threading
 from collections import Counter
 from types import TracebackType
 
-from daemon.devbroker import free_port
+from metricsd.devbroker import free_port
 
 __all__ = ["SaslFront"]
 

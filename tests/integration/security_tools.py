@@ -19,8 +19,7 @@ from types import TracebackType
 
 import pytest
 from daemon_process import DaemonProcess, LogLine
-
-from daemon.devbroker import free_port
+from metricsd.devbroker import free_port
 
 __all__ = ["FAST_EXIT_S", "Pki", "Stunnel", "expect_auth_failure", "make_pki", "require_tool"]
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 
-from daemon.devbroker import free_port
+from metricsd.devbroker import free_port
 
 
 class TcpProxy:

@@ -18,10 +18,9 @@ import orjson
 import pytest
 from daemon_process import DaemonProcess
 from kafka_tools import create_topics, produce_foreign, read_topic_foreign
+from metricsd.devbroker import DevBroker
 from scipy import stats as sps
 from sklearn import metrics as skm
-
-from daemon.devbroker import DevBroker
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,8 @@ from kafka_tools import (
     read_topic_aiokafka,
     read_topic_foreign,
 )
-
-from daemon import devbroker
-from daemon.devbroker import DevBroker, DevBrokerError, TansuNotFoundError, kafka_answers
+from metricsd import devbroker
+from metricsd.devbroker import DevBroker, DevBrokerError, TansuNotFoundError, kafka_answers
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,10 @@ import orjson
 import pytest
 from daemon_process import DaemonProcess
 from kafka_tools import create_topics, produce_foreign, read_topic_foreign
+from metricsd.devbroker import DevBroker
+from metricsd.events import Decoder, InvalidEvent
 from test_fuzz import MAX_ARRAY, MAX_CLASSES, Seeded, case, stream_of
 from test_schemas import validator
-
-from daemon.devbroker import DevBroker
-from daemon.events import Decoder, InvalidEvent
 
 pytestmark = pytest.mark.integration
 

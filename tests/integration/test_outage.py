@@ -11,9 +11,8 @@ import orjson
 import pytest
 from daemon_process import DaemonProcess
 from kafka_tools import create_topics, produce_foreign, read_topic_foreign
+from metricsd.devbroker import DevBroker, free_port
 from tcp_proxy import TcpProxy
-
-from daemon.devbroker import DevBroker, free_port
 
 pytestmark = pytest.mark.integration
 

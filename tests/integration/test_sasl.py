@@ -19,10 +19,9 @@ import orjson
 import pytest
 from daemon_process import DaemonProcess
 from kafka_tools import produce_foreign, read_topic_foreign
+from metricsd.devbroker import DevBroker, free_port
 from sasl_front import SaslFront
 from security_tools import Pki, Stunnel, expect_auth_failure, make_pki
-
-from daemon.devbroker import DevBroker, free_port
 
 pytestmark = pytest.mark.integration
 

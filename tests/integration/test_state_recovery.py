@@ -19,8 +19,7 @@ import orjson
 import pytest
 from daemon_process import DaemonProcess
 from kafka_tools import create_topics, produce_foreign, read_topic_foreign
-
-from daemon.devbroker import DevBroker
+from metricsd.devbroker import DevBroker
 
 pytestmark = pytest.mark.integration
 

@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from daemon import analyses, stats
-from daemon.buffers import RingBank
-from daemon.config import MonitorSettings
-from daemon.events import Attention, BatchTime, CvFold, Event, Features, Prediction, RunEnd
-from daemon.profiler import Profiler
-from daemon.state import RowState
+from metricsd import analyses, stats
+from metricsd.buffers import RingBank
+from metricsd.config import MonitorSettings
+from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction, RunEnd
+from metricsd.profiler import Profiler
+from metricsd.state import RowState
 
 __all__ = ["MAX_SPLITS", "Monitor"]
 

@@ -1,7 +1,7 @@
 """Configuration: frozen objects validated once, at start-up.
 
 Bad values fail here with a message naming the setting, never in the middle of the loop. The CLI
-(``daemon.cli``) maps flags and ``METRICSD_*`` environment variables onto these objects; nothing
+(``metricsd.cli``) maps flags and ``METRICSD_*`` environment variables onto these objects; nothing
 else reads the environment.
 """
 

@@ -35,7 +35,7 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from daemon.config import Secret, Security
+from metricsd.config import Secret, Security
 
 __all__ = [
     "ConsumerRecord",

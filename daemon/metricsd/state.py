@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from daemon.buffers import RowSnapshot
+from metricsd.buffers import RowSnapshot
 
 __all__ = [
     "CHUNK_BYTES",

@@ -35,13 +35,13 @@ from typing import Any
 
 import structlog
 
-from daemon import kafka
-from daemon.config import Settings
-from daemon.events import Decoder, Event, InvalidEvent, dead_letter, encode
-from daemon.logs import RateLimiter
-from daemon.monitor import Monitor
-from daemon.profiler import Profiler
-from daemon.state import (
+from metricsd import kafka
+from metricsd.config import Settings
+from metricsd.events import Decoder, Event, InvalidEvent, dead_letter, encode
+from metricsd.logs import RateLimiter
+from metricsd.monitor import Monitor
+from metricsd.profiler import Profiler
+from metricsd.state import (
     Restorer,
     RowState,
     checkpoint_record,

@@ -1,7 +1,7 @@
 """A synthetic training job: realistic events of every kind for the demo, tests and benchmarks.
 
 ``TrainingJob`` is pure (a seeded generator, time passed in); ``produce`` sends its events to Kafka
-through ``daemon.kafka`` at a steady rate.
+through ``metricsd.kafka`` at a steady rate.
 
 Each run trains for a number of steps: batch times drift slowly with occasional stragglers (a
 data-loader stall), validation prediction batches every few steps get better as training goes on
@@ -21,8 +21,8 @@ import numpy as np
 import orjson
 import structlog
 
-from daemon import kafka
-from daemon.config import SimulateSettings
+from metricsd import kafka
+from metricsd.config import SimulateSettings
 
 __all__ = ["TrainingJob", "produce"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.stats import quantiles
+from metricsd.stats import quantiles
 
 __all__ = ["Operation", "Profiler"]
 
@@ -90,7 +90,7 @@ _DISABLED = _Disabled()
 
 
 class Profiler:
-    """Per-operation timings with near-zero overhead; figures computed by ``daemon.stats``."""
+    """Per-operation timings with near-zero overhead; figures computed by ``metricsd.stats``."""
 
     def __init__(self, *, capacity: int = 4096, enabled: bool = True) -> None:
         self.capacity = capacity

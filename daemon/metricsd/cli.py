@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from daemon import logs
-from daemon.config import (
+from metricsd import logs
+from metricsd.config import (
     SECURITY_PROTOCOLS,
     ConfigError,
     MonitorSettings,
@@ -429,19 +429,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metricsd`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from daemon.kafka import KafkaAuthError  # imports aiokafka: not needed for --help
+    from metricsd.kafka import KafkaAuthError  # imports aiokafka: not needed for --help
 
     try:
         if args.command == "run":
             settings = settings_from(args)
             logs.configure(args.log_level, args.log_format)
-            from daemon import service
+            from metricsd import service
 
             _run_until_signal(lambda stop: service.run(settings, stop))
         elif args.command == "simulate":
             sim = simulate_settings_from(args)
             logs.configure(args.log_level, args.log_format)
-            from daemon import simulate
+            from metricsd import simulate
 
             _run_until_signal(lambda stop: simulate.produce(sim, stop))
         else:
@@ -461,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _dev(args: argparse.Namespace, stop: asyncio.Event) -> None:
     """Embedded broker, daemon, simulated job and a printer of the summary topic, until stopped."""
-    from daemon import kafka, service, simulate
-    from daemon.devbroker import DevBroker
+    from metricsd import kafka, service, simulate
+    from metricsd.devbroker import DevBroker
 
     out = sys.stdout
     with DevBroker() as broker:
@@ -517,7 +517,7 @@ async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None
 
     The summary topic is at-least-once: like any consumer of it, the printer de-duplicates on
     ``id`` (profiles on instance and time)."""
-    from daemon import kafka
+    from metricsd import kafka
 
     consumer = kafka.consumer(
         bootstrap, group_id=f"{settings.group_id}-dev-printer", security=settings.security
