@@ -1,4 +1,4 @@
-"""metricsd.events: the decoder agrees with schemas/event.schema.json; encode, dead_letter records.
+"""metricsd.events: the decoder agrees with schemas/event.schema.json, and every reason by example.
 
 The oracle is jsonschema on event.schema.json (with ECMA-262 "$", see tests/test_schemas.py). The
 decoder must accept exactly what it accepts, except for the rules JSON Schema cannot express, which
@@ -12,7 +12,6 @@ are generated separately and must produce their own reasons:
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import math
@@ -35,14 +34,11 @@ from metricsd.events import (
     InvalidEvent,
     Prediction,
     RunEnd,
-    dead_letter,
-    encode,
 )
 from test_schemas import INVALID_EVENTS, VALID_EVENTS, validator
 
 DECODER = Decoder()
 EVENT_SCHEMA = validator("event")
-DEAD_LETTER_SCHEMA = validator("dead_letter")
 #: what a schema-invalid document may be rejected as (the reason names the broken rule)
 SCHEMA_REASONS = {"schema", "label_out_of_range", "oversized"}
 
@@ -103,40 +99,91 @@ def expected_reason(doc: Any) -> str | set[str]:
 finite = st.floats(allow_nan=False, allow_infinity=False)
 nonneg = st.integers(0, 2**64 - 1) | st.floats(0, allow_nan=False, allow_infinity=False)
 json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**66), 2**66)
-    | finite
-    | st.text(max_size=6)
+    st.none() | st.booleans() | st.integers(-(2**66), 2**66) | finite | st.text(max_size=6)
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 #: values on or just across the schemas' numeric boundaries (and booleans, which are not numbers)
 BOUNDARY_NUMBERS = (
-    True, False, None, -1, -0.0, 0, 1, 1.0, 1.5, -2.5, 2, 999, 999.0, 1000, 1000.0, 2**63 - 1,
-    2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**400, 1e300, 5e-324,
+    True,
+    False,
+    None,
+    -1,
+    -0.0,
+    0,
+    1,
+    1.0,
+    1.5,
+    -2.5,
+    2,
+    999,
+    999.0,
+    1000,
+    1000.0,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63) - 1,
+    10**400,
+    1e300,
+    5e-324,
 )
 boundary_numbers = st.sampled_from(BOUNDARY_NUMBERS)
 #: strings on or across the boundaries of run_id, split, task and type
 BOUNDARY_STRINGS = (
-    "", "0", "val", "val\n", "a b", "x" * 64, "x" * 65, "ü" * 256, "x" * 257, "binary",
-    "Binary", "multiclass", "regression", "batch_time", "prediction", "run_end", "cv_fold",
-    "attention", "features", "summary",
+    "",
+    "0",
+    "val",
+    "val\n",
+    "a b",
+    "x" * 64,
+    "x" * 65,
+    "ü" * 256,
+    "x" * 257,
+    "binary",
+    "Binary",
+    "multiclass",
+    "regression",
+    "batch_time",
+    "prediction",
+    "run_end",
+    "cv_fold",
+    "attention",
+    "features",
+    "summary",
 )
 boundary_strings = st.sampled_from(BOUNDARY_STRINGS)
 #: arrays that are empty, nested, ragged or hold non-numbers
 BOUNDARY_ARRAYS: tuple[Any, ...] = (
-    [], {}, [[]], [0], [1, [2]], [[1, 2], [3]], [[0.5]], [[-1]], [[[1]]], [True], [None], ["1"],
+    [],
+    {},
+    [[]],
+    [0],
+    [1, [2]],
+    [[1, 2], [3]],
+    [[0.5]],
+    [[-1]],
+    [[[1]]],
+    [True],
+    [None],
+    ["1"],
     {"a": 1},
 )
 boundary_arrays = st.sampled_from(BOUNDARY_ARRAYS).map(copy.deepcopy)  # never edit the originals
 replacements = st.one_of(
-    boundary_numbers, boundary_numbers, boundary_strings, boundary_arrays,
-    st.integers(-3, 1001), finite, json_values,
+    boundary_numbers,
+    boundary_numbers,
+    boundary_strings,
+    boundary_arrays,
+    st.integers(-3, 1001),
+    finite,
+    json_values,
 )
 STRING_FIELDS = {"type", "run_id", "task", "split"}
 
@@ -154,8 +201,20 @@ def _opt(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 _ABSENT = object()
 KNOWN_FIELDS = (
-    "type", "run_id", "ts", "step", "seconds", "task", "split", "y_true", "y_pred", "fold",
-    "train_loss", "val_loss", "weights", "values",
+    "type",
+    "run_id",
+    "ts",
+    "step",
+    "seconds",
+    "task",
+    "split",
+    "y_true",
+    "y_pred",
+    "fold",
+    "train_loss",
+    "val_loss",
+    "weights",
+    "values",
 )
 
 
@@ -206,9 +265,11 @@ def valid_docs(draw: st.DrawFn, kinds: tuple[str, ...] = EVENT_TYPES) -> dict[st
 
 
 FIELDS = {
-    kind: sorted(json.loads(
-        (Path(__file__).parent.parent / "schemas" / f"{kind}.schema.json").read_text()
-    )["properties"])
+    kind: sorted(
+        json.loads((Path(__file__).parent.parent / "schemas" / f"{kind}.schema.json").read_text())[
+            "properties"
+        ]
+    )
     for kind in EVENT_TYPES
 }
 
@@ -245,8 +306,11 @@ def mutated_docs(draw: st.DrawFn) -> Any:
         last: Any = draw(st.one_of(st.sampled_from(sorted(doc)), known) if doc else known)
         # Descend into the array (and the row of a matrix) half of the time.
         while (
-            type(parent) is list or last in parent
-        ) and type(parent[last]) is list and parent[last] and draw(st.booleans()):
+            (type(parent) is list or last in parent)
+            and type(parent[last]) is list
+            and parent[last]
+            and draw(st.booleans())
+        ):
             parent, last = parent[last], draw(st.integers(0, len(parent[last]) - 1))
         action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "append"]))
         exists = type(parent) is list or last in parent
@@ -264,8 +328,15 @@ def mutated_docs(draw: st.DrawFn) -> Any:
 @given(doc=st.one_of(one_fault_docs(), one_fault_docs(), mutated_docs(), valid_docs(), json_values))
 @example(doc={"type": "prediction", "run_id": "r", "task": "binary", "y_true": [2], "y_pred": [0]})
 @example(doc={"type": "attention", "run_id": "r", "weights": [[1, 2], [-1]]})
-@example(doc={"type": "prediction", "run_id": "r", "task": "multiclass", "y_true": [2**64 - 1],
-              "y_pred": [0]})
+@example(
+    doc={
+        "type": "prediction",
+        "run_id": "r",
+        "task": "multiclass",
+        "y_true": [2**64 - 1],
+        "y_pred": [0],
+    }
+)
 def test_decoder_agrees_with_schema(doc: Any) -> None:
     """decode accepts exactly what event.schema.json accepts, modulo the documented exceptions."""
     expected = expected_reason(doc)
@@ -318,12 +389,29 @@ def test_valid_documents_decode_to_their_values(doc: dict[str, Any]) -> None:
 SWEEP_BASES = [
     {"type": "batch_time", "run_id": "r1", "ts": 1.5, "step": 3, "seconds": 0.25},
     {"type": "batch_time", "run_id": "r1", "seconds": [0.25, 1]},
-    {"type": "prediction", "run_id": "r1", "ts": 1.5, "task": "binary", "split": "val",
-     "y_true": [0, 1], "y_pred": [1, 1]},
-    {"type": "prediction", "run_id": "r1", "task": "multiclass", "y_true": [3, 999],
-     "y_pred": [0, 5]},
-    {"type": "prediction", "run_id": "r1", "task": "regression", "y_true": [-1.5, 2],
-     "y_pred": [0.5, 3]},
+    {
+        "type": "prediction",
+        "run_id": "r1",
+        "ts": 1.5,
+        "task": "binary",
+        "split": "val",
+        "y_true": [0, 1],
+        "y_pred": [1, 1],
+    },
+    {
+        "type": "prediction",
+        "run_id": "r1",
+        "task": "multiclass",
+        "y_true": [3, 999],
+        "y_pred": [0, 5],
+    },
+    {
+        "type": "prediction",
+        "run_id": "r1",
+        "task": "regression",
+        "y_true": [-1.5, 2],
+        "y_pred": [0.5, 3],
+    },
     {"type": "run_end", "run_id": "r1", "ts": 1.5},
     {"type": "cv_fold", "run_id": "r1", "ts": 1.5, "fold": 2, "train_loss": 0.5, "val_loss": 0.75},
     {"type": "attention", "run_id": "r1", "weights": [[0.5, 0.5], [1, 0]]},
@@ -415,8 +503,13 @@ def test_ragged_matrices_are_length_mismatch(doc: dict[str, Any], cut: int) -> N
 def test_schema_errors_outrank_semantic_ones() -> None:
     """A document breaking a schema rule and a semantic rule is reported as a schema error."""
     ragged_negative = {"type": "attention", "run_id": "r", "weights": [[1, 2], [-1]]}
-    short_bad_label = {"type": "prediction", "run_id": "r", "task": "binary", "y_true": [0, 1],
-                       "y_pred": [0.5]}
+    short_bad_label = {
+        "type": "prediction",
+        "run_id": "r",
+        "task": "binary",
+        "y_true": [0, 1],
+        "y_pred": [0.5],
+    }
     assert reason_of(None, dumps(ragged_negative)) == "schema"
     assert reason_of(b"other", dumps(short_bad_label)) == "schema"
 
@@ -458,7 +551,7 @@ REASON_TABLE = [
     ("malformed_json", None, b""),
     ("malformed_json", None, None),
     ("malformed_json", None, b'{"a":"\xff"}'),
-    ("malformed_json", None, b'[NaN, '),
+    ("malformed_json", None, b"[NaN, "),
     ("malformed_json", None, b'{"run_id":"\\ud800"}'),
     ("malformed_json", None, b"[" * 5000 + b"]" * 5000),
     ("malformed_json", None, b'\xef\xbb\xbf{"type":"run_end","run_id":"r1"}'),
@@ -468,22 +561,40 @@ REASON_TABLE = [
     ("schema", None, b'{"type":"batch_time","run_id":"r1","seconds":true}'),
     ("schema", None, b'{"type":"nope","run_id":"r1"}'),
     ("schema", None, b'{"type":{},"run_id":"r1"}'),
-    ("non_finite", None,
-     json.dumps({"type": "batch_time", "run_id": "r1", "seconds": math.nan}).encode()),
+    (
+        "non_finite",
+        None,
+        json.dumps({"type": "batch_time", "run_id": "r1", "seconds": math.nan}).encode(),
+    ),
     ("non_finite", None, b'{"type":"batch_time","run_id":"r1","seconds":Infinity}'),
     ("non_finite", None, b'{"type":"features","run_id":"r1","values":[1,-Infinity]}'),
-    ("length_mismatch", None,
-     b'{"type":"prediction","run_id":"r1","task":"binary","y_true":[0,1],"y_pred":[1]}'),
+    (
+        "length_mismatch",
+        None,
+        b'{"type":"prediction","run_id":"r1","task":"binary","y_true":[0,1],"y_pred":[1]}',
+    ),
     ("length_mismatch", None, b'{"type":"features","run_id":"r1","values":[[1,2],[3]]}'),
-    ("label_out_of_range", None,
-     b'{"type":"prediction","run_id":"r1","task":"binary","y_true":[0,2],"y_pred":[1,1]}'),
-    ("label_out_of_range", None,
-     b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[1000],"y_pred":[1]}'),
-    ("label_out_of_range", None,
-     b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[-1.0],"y_pred":[1]}'),
-    ("label_out_of_range", None,
-     b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[18446744073709551615],'
-     b'"y_pred":[1]}'),
+    (
+        "label_out_of_range",
+        None,
+        b'{"type":"prediction","run_id":"r1","task":"binary","y_true":[0,2],"y_pred":[1,1]}',
+    ),
+    (
+        "label_out_of_range",
+        None,
+        b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[1000],"y_pred":[1]}',
+    ),
+    (
+        "label_out_of_range",
+        None,
+        b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[-1.0],"y_pred":[1]}',
+    ),
+    (
+        "label_out_of_range",
+        None,
+        b'{"type":"prediction","run_id":"r1","task":"multiclass","y_true":[18446744073709551615],'
+        b'"y_pred":[1]}',
+    ),
     ("oversized", None, dumps({"type": "batch_time", "run_id": "r1", "seconds": [0.5] * 10_001})),
     ("oversized", None, dumps({"type": "attention", "run_id": "r1", "weights": [[1]] * 10_001})),
     ("oversized", None, dumps({"type": "attention", "run_id": "r1", "weights": [[1] * 10_001]})),
@@ -564,13 +675,21 @@ def test_prediction_defaults_and_dtypes() -> None:
     ("decoder", "value", "reason"),
     [
         (Decoder(max_array=3), b'{"type":"batch_time","run_id":"r","seconds":[1,2,3]}', "ok"),
-        (Decoder(max_array=3), b'{"type":"batch_time","run_id":"r","seconds":[1,2,3,4]}',
-         "oversized"),
-        (Decoder(max_classes=10),
-         b'{"type":"prediction","run_id":"r","task":"multiclass","y_true":[9],"y_pred":[0]}', "ok"),
-        (Decoder(max_classes=10),
-         b'{"type":"prediction","run_id":"r","task":"multiclass","y_true":[10],"y_pred":[0]}',
-         "label_out_of_range"),
+        (
+            Decoder(max_array=3),
+            b'{"type":"batch_time","run_id":"r","seconds":[1,2,3,4]}',
+            "oversized",
+        ),
+        (
+            Decoder(max_classes=10),
+            b'{"type":"prediction","run_id":"r","task":"multiclass","y_true":[9],"y_pred":[0]}',
+            "ok",
+        ),
+        (
+            Decoder(max_classes=10),
+            b'{"type":"prediction","run_id":"r","task":"multiclass","y_true":[10],"y_pred":[0]}',
+            "label_out_of_range",
+        ),
     ],
 )
 def test_limits_are_configurable(decoder: Decoder, value: bytes, reason: str) -> None:
@@ -636,87 +755,3 @@ def test_corrupted_payloads_decode_or_raise_invalid_event(
             else:
                 payload[at] = byte
     reason_of(None, bytes(payload))
-
-
-# ---------------------------------------------------------------------- records out
-def _plain(value: Any) -> Any:
-    """The JSON-ready model of a record: non-finite floats become None, arrays become lists."""
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-any_float = st.floats(allow_nan=True, allow_infinity=True)
-float_arrays = st.lists(any_float, min_size=1, max_size=6).map(np.array)
-record_leaves = (
-    any_float
-    | any_float.map(np.float64)
-    | st.integers(-(2**63), 2**63 - 1)
-    | st.none()
-    | st.booleans()
-    | st.text(max_size=5)
-    | float_arrays
-    | float_arrays.map(lambda a: np.stack([a, a])[:, ::-1])  # not C-contiguous
-    | st.integers(-5, 5).map(np.int64)
-)
-records = st.recursive(
-    record_leaves,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=10,
-)
-
-
-@settings(deadline=None)  # jsonschema and a busy machine make timings noisy
-@given(record=st.dictionaries(st.text(max_size=6), records, max_size=5))
-def test_encode_never_emits_nan(record: dict[str, Any]) -> None:
-    """encode turns every NaN/inf (float, numpy scalar or array item) into null, nothing else."""
-    out = encode(record)
-    assert orjson.loads(out) == _plain(record)  # orjson.loads rejects NaN/Infinity
-
-
-def test_encode_float32_nan_is_null() -> None:
-    """A float32 NaN or inf, as a scalar or in an array, is encoded as null."""
-    out = encode({"a": np.float32("nan"), "b": np.array([np.inf, 1.0], dtype=np.float32)})
-    assert orjson.loads(out) == {"a": None, "b": [None, 1.0]}
-
-
-def test_encode_rejects_what_it_cannot_represent() -> None:
-    """An unknown type in a record is a caller bug and raises instead of being mangled."""
-    with pytest.raises(TypeError):
-        encode({"x": object()})
-
-
-@settings(deadline=None)  # jsonschema and a busy machine make timings noisy
-@given(
-    key=st.none() | st.binary(max_size=16),
-    value=st.none() | st.binary(max_size=64),
-    limit=st.none() | st.integers(0, 80),
-)
-def test_dead_letter_record(key: bytes | None, value: bytes | None, limit: int | None) -> None:
-    """dead_letter builds a schema-valid record whose base64 fields give back the (capped) bytes."""
-    with pytest.raises(InvalidEvent) as info:
-        DECODER.decode(key, b"[" if value is None else value + b"[")  # never valid JSON
-    exc = info.value
-    record = dead_letter(exc, topic="in", partition=2, offset=7, timestamp_ms=None, key=key,
-                         value=value, emitted_at=5.0, max_value_bytes=limit)
-    DEAD_LETTER_SCHEMA.validate(orjson.loads(encode(record)))
-    assert record["reason"] == exc.reason and record["detail"] == exc.detail
-    if key is None:
-        assert record["key_b64"] is None
-    else:
-        assert base64.b64decode(record["key_b64"]) == key
-    if value is None:
-        assert record["value_b64"] is None and record["value_truncated"] is False
-    else:
-        kept = value if limit is None else value[:limit]
-        assert base64.b64decode(record["value_b64"]) == kept
-        assert record["value_truncated"] is (len(kept) < len(value))

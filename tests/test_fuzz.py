@@ -31,8 +31,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from metricsd.config import MonitorSettings
-from metricsd.events import REASONS, TASKS, Decoder, InvalidEvent, dead_letter, encode
+from metricsd.events import REASONS, TASKS, Decoder, InvalidEvent
 from metricsd.monitor import Monitor
+from metricsd.records import dead_letter, encode
 from test_schemas import validator
 
 T = TypeVar("T")

@@ -11,9 +11,10 @@ import numpy as np
 import orjson
 import pytest
 from metricsd.config import MonitorSettings
-from metricsd.events import Decoder, encode
+from metricsd.events import Decoder
 from metricsd.monitor import MAX_SPLITS, Monitor
 from metricsd.profiler import Profiler
+from metricsd.records import encode
 from scipy import stats as sps
 from sklearn import metrics as skm
 

@@ -252,24 +252,60 @@ def test_ecma_pattern_oracle_differs_from_python_re_only_at_final_newline() -> N
 
 # ---------------------------------------------------------------------- records out
 NUMERIC_METRICS = {
-    "count": 3, "mean": 0.15, "std": 0.01, "min": 0.14, "max": 0.16, "median": 0.15,
-    "p95": 0.159, "p99": 0.1598, "cv": None, "skewness": None, "kurtosis": None,
+    "count": 3,
+    "mean": 0.15,
+    "std": 0.01,
+    "min": 0.14,
+    "max": 0.16,
+    "median": 0.15,
+    "p95": 0.159,
+    "p99": 0.1598,
+    "cv": None,
+    "skewness": None,
+    "kurtosis": None,
 }
 BINARY_METRICS = {
-    "precision": 0.5, "recall": 1.0, "f1": 0.6667, "accuracy": 0.5, "tp": 1, "fp": 1, "fn": 0,
+    "precision": 0.5,
+    "recall": 1.0,
+    "f1": 0.6667,
+    "accuracy": 0.5,
+    "tp": 1,
+    "fp": 1,
+    "fn": 0,
     "tn": 0,
 }
 MULTICLASS_METRICS = {
-    "accuracy": 0.5, "precision_macro": None, "recall_macro": 0.5, "f1_macro": 0.4,
-    "f1_micro": 0.5, "f1_weighted": 0.45, "labels": [0, 3], "confusion_matrix": [[1, 0], [1, 0]],
+    "accuracy": 0.5,
+    "precision_macro": None,
+    "recall_macro": 0.5,
+    "f1_macro": 0.4,
+    "f1_micro": 0.5,
+    "f1_weighted": 0.45,
+    "labels": [0, 3],
+    "confusion_matrix": [[1, 0], [1, 0]],
 }
 REGRESSION_METRICS = {
-    "mse": 0.25, "rmse": 0.5, "mae": 0.5, "r2": -3.0, "pearson_r": None, "within_threshold": 1.0,
+    "mse": 0.25,
+    "rmse": 0.5,
+    "mae": 0.5,
+    "r2": -3.0,
+    "pearson_r": None,
+    "within_threshold": 1.0,
 }
 SUMMARY = {
-    "type": "summary", "schema_version": 1, "id": "r1|batch_time|count:1000|0", "run_id": "r1",
-    "stream": "batch_time", "window": {"kind": "count", "size": 1000}, "count": 3, "total": 3,
-    "metrics": NUMERIC_METRICS, "seq": 0, "first_ts": 1.0, "last_ts": 2.0, "emitted_at": 3.0,
+    "type": "summary",
+    "schema_version": 1,
+    "id": "r1|batch_time|count:1000|0",
+    "run_id": "r1",
+    "stream": "batch_time",
+    "window": {"kind": "count", "size": 1000},
+    "count": 3,
+    "total": 3,
+    "metrics": NUMERIC_METRICS,
+    "seq": 0,
+    "first_ts": 1.0,
+    "last_ts": 2.0,
+    "emitted_at": 3.0,
     "final": False,
 }
 PRED_SUMMARY = {**SUMMARY, "stream": "prediction/val", "task": "binary", "metrics": BINARY_METRICS}
@@ -281,24 +317,47 @@ def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
 
 VALID_SUMMARIES = [
     pytest.param(SUMMARY, id="batch_time"),
-    pytest.param({**SUMMARY, "window": {"kind": "time", "seconds": 60, "truncated": True}},
-                 id="time-window"),
-    pytest.param({**SUMMARY, "count": 0, "first_ts": None, "last_ts": None, "final": True,
-                  "metrics": {**{k: None for k in NUMERIC_METRICS}, "count": 0}},
-                 id="empty-window-all-null"),
+    pytest.param(
+        {**SUMMARY, "window": {"kind": "time", "seconds": 60, "truncated": True}}, id="time-window"
+    ),
+    pytest.param(
+        {
+            **SUMMARY,
+            "count": 0,
+            "first_ts": None,
+            "last_ts": None,
+            "final": True,
+            "metrics": {**{k: None for k in NUMERIC_METRICS}, "count": 0},
+        },
+        id="empty-window-all-null",
+    ),
     pytest.param({**SUMMARY, "metrics": {**NUMERIC_METRICS, "p50": 0.15}}, id="extra-metric"),
     pytest.param(PRED_SUMMARY, id="binary"),
-    pytest.param({**PRED_SUMMARY, "stream": "prediction/test", "task": "multiclass",
-                  "metrics": MULTICLASS_METRICS}, id="multiclass"),
-    pytest.param({**PRED_SUMMARY, "task": "regression", "metrics": REGRESSION_METRICS},
-                 id="regression"),
+    pytest.param(
+        {
+            **PRED_SUMMARY,
+            "stream": "prediction/test",
+            "task": "multiclass",
+            "metrics": MULTICLASS_METRICS,
+        },
+        id="multiclass",
+    ),
+    pytest.param(
+        {**PRED_SUMMARY, "task": "regression", "metrics": REGRESSION_METRICS}, id="regression"
+    ),
     pytest.param({**SUMMARY, "stream": "cv", "metrics": {"val_mean": 0.3, "gap": None}}, id="cv"),
-    pytest.param({**SUMMARY, "stream": "attention", "metrics": {"entropy": [[0.1, None]]}},
-                 id="attention"),
+    pytest.param(
+        {**SUMMARY, "stream": "attention", "metrics": {"entropy": [[0.1, None]]}}, id="attention"
+    ),
     pytest.param({**SUMMARY, "stream": "features", "metrics": {}}, id="features"),
-    pytest.param({**SUMMARY, "stream": "attention",
-                  "metrics": {"entropy": {"count": 3, "mean": 1.6, "p99": None}}},
-                 id="nested-metric-object"),
+    pytest.param(
+        {
+            **SUMMARY,
+            "stream": "attention",
+            "metrics": {"entropy": {"count": 3, "mean": 1.6, "p99": None}},
+        },
+        id="nested-metric-object",
+    ),
 ]
 
 INVALID_SUMMARIES = [
@@ -310,8 +369,10 @@ INVALID_SUMMARIES = [
     pytest.param({**SUMMARY, "task": "binary"}, id="task-on-batch_time"),
     pytest.param(_without(PRED_SUMMARY, "task"), id="prediction-without-task"),
     pytest.param({**SUMMARY, "window": {"kind": "time", "seconds": 60}}, id="time-no-truncated"),
-    pytest.param({**SUMMARY, "window": {"kind": "time", "seconds": 0, "truncated": False}},
-                 id="time-zero-seconds"),
+    pytest.param(
+        {**SUMMARY, "window": {"kind": "time", "seconds": 0, "truncated": False}},
+        id="time-zero-seconds",
+    ),
     pytest.param({**SUMMARY, "window": {"kind": "count", "size": 0}}, id="count-size-zero"),
     pytest.param({**SUMMARY, "count": -1}, id="negative-count"),
     pytest.param({**SUMMARY, "metrics": _without(NUMERIC_METRICS, "p99")}, id="numeric-no-p99"),
@@ -320,17 +381,31 @@ INVALID_SUMMARIES = [
     pytest.param({**PRED_SUMMARY, "metrics": NUMERIC_METRICS}, id="binary-with-numeric-metrics"),
     pytest.param({**PRED_SUMMARY, "metrics": {**BINARY_METRICS, "tp": 1.5}}, id="fractional-tp"),
     pytest.param({**PRED_SUMMARY, "metrics": {**BINARY_METRICS, "f1": 1.5}}, id="f1-above-1"),
-    pytest.param({**PRED_SUMMARY, "task": "multiclass",
-                  "metrics": {**MULTICLASS_METRICS, "confusion_matrix": [[0.5]]}},
-                 id="fractional-confusion"),
-    pytest.param({**PRED_SUMMARY, "task": "regression",
-                  "metrics": {**REGRESSION_METRICS, "pearson_r": 1.0000000000000002}},
-                 id="pearson-above-1"),
+    pytest.param(
+        {
+            **PRED_SUMMARY,
+            "task": "multiclass",
+            "metrics": {**MULTICLASS_METRICS, "confusion_matrix": [[0.5]]},
+        },
+        id="fractional-confusion",
+    ),
+    pytest.param(
+        {
+            **PRED_SUMMARY,
+            "task": "regression",
+            "metrics": {**REGRESSION_METRICS, "pearson_r": 1.0000000000000002},
+        },
+        id="pearson-above-1",
+    ),
     pytest.param({**SUMMARY, "stream": "cv", "metrics": {"note": "text"}}, id="cv-string-metric"),
-    pytest.param({**SUMMARY, "stream": "features", "metrics": {"x": {"nested": True}}},
-                 id="features-boolean-metric"),
-    pytest.param({**SUMMARY, "metrics": {**NUMERIC_METRICS, "extra": "text"}},
-                 id="numeric-extra-string-metric"),
+    pytest.param(
+        {**SUMMARY, "stream": "features", "metrics": {"x": {"nested": True}}},
+        id="features-boolean-metric",
+    ),
+    pytest.param(
+        {**SUMMARY, "metrics": {**NUMERIC_METRICS, "extra": "text"}},
+        id="numeric-extra-string-metric",
+    ),
 ]
 
 
@@ -359,11 +434,30 @@ def _profile_op(**change: Any) -> dict[str, Any]:
     ("doc", "valid"),
     [
         pytest.param(PROFILE, True, id="example"),
-        pytest.param({**PROFILE, "ticks": 0, "overhead_fraction": None, "operations": [],
-                      "tick_ms": dict.fromkeys(("mean", "p50", "p95", "p99", "max"))},
-                     True, id="before-any-tick"),
-        pytest.param(_profile_op(count=0, mean_us=None, p50_us=None, p95_us=None, p99_us=None,
-                                 max_us=None, total_us=0), True, id="idle-operation"),
+        pytest.param(
+            {
+                **PROFILE,
+                "ticks": 0,
+                "overhead_fraction": None,
+                "operations": [],
+                "tick_ms": dict.fromkeys(("mean", "p50", "p95", "p99", "max")),
+            },
+            True,
+            id="before-any-tick",
+        ),
+        pytest.param(
+            _profile_op(
+                count=0,
+                mean_us=None,
+                p50_us=None,
+                p95_us=None,
+                p99_us=None,
+                max_us=None,
+                total_us=0,
+            ),
+            True,
+            id="idle-operation",
+        ),
         pytest.param(_without(PROFILE, "instance"), False, id="no-instance"),
         pytest.param({**PROFILE, "tick_ms": {"mean": 1.0}}, False, id="partial-tick_ms"),
         pytest.param({**PROFILE, "overhead_fraction": -0.1}, False, id="negative-overhead"),
@@ -383,8 +477,11 @@ DEAD = load("dead_letter")["examples"][0]
     ("doc", "valid"),
     [
         pytest.param(DEAD, True, id="example"),
-        pytest.param({**DEAD, "key_b64": None, "value_b64": None, "timestamp_ms": None}, True,
-                     id="no-key-no-value"),
+        pytest.param(
+            {**DEAD, "key_b64": None, "value_b64": None, "timestamp_ms": None},
+            True,
+            id="no-key-no-value",
+        ),
         pytest.param({**DEAD, "reason": "weird"}, False, id="unknown-reason"),
         pytest.param({**DEAD, "offset": -1}, False, id="negative-offset"),
         pytest.param(_without(DEAD, "value_truncated"), False, id="no-value_truncated"),

@@ -103,8 +103,12 @@ _values = st.one_of(
 
 
 @st.composite
-def _masked_blocks(draw: st.DrawFn, elements: st.SearchStrategy[float] = _values,
-                   max_rows: int = 6, max_slots: int = 14) -> tuple[F64, Bools]:
+def _masked_blocks(
+    draw: st.DrawFn,
+    elements: st.SearchStrategy[float] = _values,
+    max_rows: int = 6,
+    max_slots: int = 14,
+) -> tuple[F64, Bools]:
     """A random block with per-row shapes: random mask, full, empty, constant or single value."""
     rows = draw(st.integers(1, max_rows))
     slots = draw(st.integers(1, max_slots))
@@ -201,9 +205,12 @@ def _exact_moments(row: F64) -> tuple[Fraction, Fraction, Fraction, Fraction]:
     xs = [Fraction(float(x)) for x in row]
     mean = sum(xs, Fraction(0)) / len(xs)
     ds = [x - mean for x in xs]
-    return (mean, sum((d**2 for d in ds), Fraction(0)) / len(ds),
-            sum((d**3 for d in ds), Fraction(0)) / len(ds),
-            sum((d**4 for d in ds), Fraction(0)) / len(ds))
+    return (
+        mean,
+        sum((d**2 for d in ds), Fraction(0)) / len(ds),
+        sum((d**3 for d in ds), Fraction(0)) / len(ds),
+        sum((d**4 for d in ds), Fraction(0)) / len(ds),
+    )
 
 
 def _check_exact(got: dict[str, float], row: F64) -> None:
@@ -260,36 +267,148 @@ def test_tiny_variance_moments_match_exact_arithmetic(
 
 
 NUMERIC_CASES: list[tuple[str, list[float], dict[str, float]]] = [
-    ("empty", [], {"count": 0.0, "mean": NAN, "std": NAN, "min": NAN, "max": NAN,
-                   "median": NAN, "p95": NAN, "p99": NAN, "cv": NAN, "skewness": NAN,
-                   "kurtosis": NAN}),
-    ("one value", [3.5], {"count": 1.0, "mean": 3.5, "std": 0.0, "min": 3.5, "max": 3.5,
-                          "median": 3.5, "p95": 3.5, "p99": 3.5, "cv": 0.0, "skewness": NAN,
-                          "kurtosis": NAN}),
-    ("one zero", [0.0], {"count": 1.0, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0,
-                         "median": 0.0, "p95": 0.0, "p99": 0.0, "cv": NAN, "skewness": NAN,
-                         "kurtosis": NAN}),
-    ("constant 4.2 x37", [4.2] * 37, {"count": 37.0, "mean": 4.2, "std": 0.0, "min": 4.2,
-                                      "max": 4.2, "median": 4.2, "p95": 4.2, "p99": 4.2,
-                                      "cv": 0.0, "skewness": NAN, "kurtosis": NAN}),
-    ("constant zero", [0.0] * 5, {"count": 5.0, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0,
-                                  "median": 0.0, "p95": 0.0, "p99": 0.0, "cv": NAN,
-                                  "skewness": NAN, "kurtosis": NAN}),
-    ("two values", [1.0, 3.0], {"count": 2.0, "mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0,
-                                "median": 2.0, "p95": 2.9, "p99": 2.98, "cv": 0.5,
-                                "skewness": 0.0, "kurtosis": -2.0}),
-    ("zero mean", [-2.0, 2.0], {"count": 2.0, "mean": 0.0, "std": 2.0, "min": -2.0, "max": 2.0,
-                                "median": 0.0, "p95": 1.8, "p99": 1.96, "cv": NAN,
-                                "skewness": 0.0, "kurtosis": -2.0}),
-    ("skewed", [0.0, 0.0, 0.0, 4.0], {"count": 4.0, "mean": 1.0, "std": math.sqrt(3.0),
-                                      "min": 0.0, "max": 4.0, "median": 0.0, "p95": 3.4,
-                                      "p99": 3.88, "cv": math.sqrt(3.0),
-                                      "skewness": 2 / math.sqrt(3.0), "kurtosis": -2 / 3}),
+    (
+        "empty",
+        [],
+        {
+            "count": 0.0,
+            "mean": NAN,
+            "std": NAN,
+            "min": NAN,
+            "max": NAN,
+            "median": NAN,
+            "p95": NAN,
+            "p99": NAN,
+            "cv": NAN,
+            "skewness": NAN,
+            "kurtosis": NAN,
+        },
+    ),
+    (
+        "one value",
+        [3.5],
+        {
+            "count": 1.0,
+            "mean": 3.5,
+            "std": 0.0,
+            "min": 3.5,
+            "max": 3.5,
+            "median": 3.5,
+            "p95": 3.5,
+            "p99": 3.5,
+            "cv": 0.0,
+            "skewness": NAN,
+            "kurtosis": NAN,
+        },
+    ),
+    (
+        "one zero",
+        [0.0],
+        {
+            "count": 1.0,
+            "mean": 0.0,
+            "std": 0.0,
+            "min": 0.0,
+            "max": 0.0,
+            "median": 0.0,
+            "p95": 0.0,
+            "p99": 0.0,
+            "cv": NAN,
+            "skewness": NAN,
+            "kurtosis": NAN,
+        },
+    ),
+    (
+        "constant 4.2 x37",
+        [4.2] * 37,
+        {
+            "count": 37.0,
+            "mean": 4.2,
+            "std": 0.0,
+            "min": 4.2,
+            "max": 4.2,
+            "median": 4.2,
+            "p95": 4.2,
+            "p99": 4.2,
+            "cv": 0.0,
+            "skewness": NAN,
+            "kurtosis": NAN,
+        },
+    ),
+    (
+        "constant zero",
+        [0.0] * 5,
+        {
+            "count": 5.0,
+            "mean": 0.0,
+            "std": 0.0,
+            "min": 0.0,
+            "max": 0.0,
+            "median": 0.0,
+            "p95": 0.0,
+            "p99": 0.0,
+            "cv": NAN,
+            "skewness": NAN,
+            "kurtosis": NAN,
+        },
+    ),
+    (
+        "two values",
+        [1.0, 3.0],
+        {
+            "count": 2.0,
+            "mean": 2.0,
+            "std": 1.0,
+            "min": 1.0,
+            "max": 3.0,
+            "median": 2.0,
+            "p95": 2.9,
+            "p99": 2.98,
+            "cv": 0.5,
+            "skewness": 0.0,
+            "kurtosis": -2.0,
+        },
+    ),
+    (
+        "zero mean",
+        [-2.0, 2.0],
+        {
+            "count": 2.0,
+            "mean": 0.0,
+            "std": 2.0,
+            "min": -2.0,
+            "max": 2.0,
+            "median": 0.0,
+            "p95": 1.8,
+            "p99": 1.96,
+            "cv": NAN,
+            "skewness": 0.0,
+            "kurtosis": -2.0,
+        },
+    ),
+    (
+        "skewed",
+        [0.0, 0.0, 0.0, 4.0],
+        {
+            "count": 4.0,
+            "mean": 1.0,
+            "std": math.sqrt(3.0),
+            "min": 0.0,
+            "max": 4.0,
+            "median": 0.0,
+            "p95": 3.4,
+            "p99": 3.88,
+            "cv": math.sqrt(3.0),
+            "skewness": 2 / math.sqrt(3.0),
+            "kurtosis": -2 / 3,
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize(("values", "expected"), [c[1:] for c in NUMERIC_CASES],
-                         ids=[c[0] for c in NUMERIC_CASES])
+@pytest.mark.parametrize(
+    ("values", "expected"), [c[1:] for c in NUMERIC_CASES], ids=[c[0] for c in NUMERIC_CASES]
+)
 def test_numeric_edge_cases(values: list[float], expected: dict[str, float]) -> None:
     """Empty, single-value, constant and two-value windows give the documented results."""
     block, valid = _block([values, [9.0, -9.0, 1.0]])  # a neighbour row must not interfere
@@ -351,8 +470,9 @@ def test_invalid_slots_never_leak(block: tuple[F64, Bools], junk: float, rnd: An
         if name in ("count", "min", "max", "median", "p95", "p99"):
             np.testing.assert_array_equal(base[name], shuffled[name], err_msg=name)
         else:  # summation order changes the last bits only
-            np.testing.assert_allclose(shuffled[name], base[name], rtol=1e-9, atol=1e-9,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                shuffled[name], base[name], rtol=1e-9, atol=1e-9, err_msg=name
+            )
 
 
 @settings(deadline=None, max_examples=60)
@@ -373,8 +493,7 @@ def test_chunking_does_not_change_results(block: tuple[F64, Bools], chunk: int) 
         stats._CHUNK_VALUES = saved
     np.testing.assert_array_equal(q_parts, q_whole)
     for name in NUMERIC_METRICS:
-        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_full_window_fast_path_matches_masked_path() -> None:
@@ -387,18 +506,22 @@ def test_full_window_fast_path_matches_masked_path() -> None:
         full = numeric_summary(values, valid)
         masked = numeric_summary(padded, np.concatenate([valid, np.zeros((20, 5), bool)], axis=1))
     for name in NUMERIC_METRICS:
-        np.testing.assert_allclose(full[name], masked[name], rtol=1e-12, atol=1e-14,
-                                   err_msg=name)
+        np.testing.assert_allclose(full[name], masked[name], rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_no_runtime_warnings_on_degenerate_blocks() -> None:
     """Empty rows, NaN/inf garbage, zero means and constant rows raise no warnings at all."""
-    values = np.array([[NAN, np.inf, -np.inf, 1e308],
-                       [0.0, 0.0, NAN, NAN],
-                       [-1.0, 1.0, np.inf, 5.0],
-                       [2.0, 2.0, 2.0, 2.0]])
-    valid = np.array([[False] * 4, [True, True, False, False],
-                      [True, True, False, False], [True] * 4])
+    values = np.array(
+        [
+            [NAN, np.inf, -np.inf, 1e308],
+            [0.0, 0.0, NAN, NAN],
+            [-1.0, 1.0, np.inf, 5.0],
+            [2.0, 2.0, 2.0, 2.0],
+        ]
+    )
+    valid = np.array(
+        [[False] * 4, [True, True, False, False], [True, True, False, False], [True] * 4]
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         numeric_summary(values, valid)
@@ -409,9 +532,15 @@ def test_no_runtime_warnings_on_degenerate_blocks() -> None:
     assert caught == []
 
 
-@pytest.mark.parametrize("function", [numeric_summary, lambda v, m: binary_summary(v, v, m),
-                                      lambda v, m: regression_summary(v, v, m, 1.0),
-                                      lambda v, m: quantiles(v, m, [0.5])])
+@pytest.mark.parametrize(
+    "function",
+    [
+        numeric_summary,
+        lambda v, m: binary_summary(v, v, m),
+        lambda v, m: regression_summary(v, v, m, 1.0),
+        lambda v, m: quantiles(v, m, [0.5]),
+    ],
+)
 def test_shape_mismatch_is_rejected(function: Callable[[F64, Bools], object]) -> None:
     """A mask whose shape differs from the values is a caller bug and raises ValueError."""
     with pytest.raises(ValueError, match="shape"):
@@ -421,9 +550,12 @@ def test_shape_mismatch_is_rejected(function: Callable[[F64, Bools], object]) ->
 def test_summaries_return_their_metric_names_as_float_rows() -> None:
     """Each summary returns exactly its *_METRICS names, as float64 arrays of one value per row."""
     values, valid = _block([[1.0, 0.0], [], [1.0]])
-    results = [numeric_summary(values, valid), binary_summary(values, values, valid),
-               multiclass_summary(values, values, valid)[0],
-               regression_summary(values, values, valid, 0.1)]
+    results = [
+        numeric_summary(values, valid),
+        binary_summary(values, values, valid),
+        multiclass_summary(values, values, valid)[0],
+        regression_summary(values, values, valid, 0.1),
+    ]
     names = [NUMERIC_METRICS, BINARY_METRICS, MULTICLASS_METRICS, REGRESSION_METRICS]
     for result, expected in zip(results, names, strict=True):
         assert tuple(result) == expected
@@ -433,11 +565,28 @@ def test_summaries_return_their_metric_names_as_float_rows() -> None:
 
 def test_metric_tables_are_the_contract() -> None:
     """The metric name tuples are the ones other modules code against, in order."""
-    assert NUMERIC_METRICS == ("count", "mean", "std", "min", "max", "median", "p95", "p99",
-                               "cv", "skewness", "kurtosis")
+    assert NUMERIC_METRICS == (
+        "count",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "median",
+        "p95",
+        "p99",
+        "cv",
+        "skewness",
+        "kurtosis",
+    )
     assert BINARY_METRICS == ("precision", "recall", "f1", "accuracy", "tp", "fp", "fn", "tn")
-    assert MULTICLASS_METRICS == ("accuracy", "precision_macro", "recall_macro", "f1_macro",
-                                  "f1_micro", "f1_weighted")
+    assert MULTICLASS_METRICS == (
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "f1_micro",
+        "f1_weighted",
+    )
     assert REGRESSION_METRICS == ("mse", "rmse", "mae", "r2", "pearson_r", "within_threshold")
 
 
@@ -448,8 +597,16 @@ def test_metric_tables_are_the_contract() -> None:
 def _binary_oracle(t: NDArray[Any], p: NDArray[Any]) -> dict[str, float]:
     """sklearn's binary metrics (pos_label=1, zero_division=0) and confusion counts."""
     if t.size == 0:
-        return {"precision": NAN, "recall": NAN, "f1": NAN, "accuracy": NAN,
-                "tp": 0.0, "fp": 0.0, "fn": 0.0, "tn": 0.0}
+        return {
+            "precision": NAN,
+            "recall": NAN,
+            "f1": NAN,
+            "accuracy": NAN,
+            "tp": 0.0,
+            "fp": 0.0,
+            "fn": 0.0,
+            "tn": 0.0,
+        }
     t, p = t.astype(int), p.astype(int)
     with _quiet():
         tn, fp, fn, tp = skm.confusion_matrix(t, p, labels=[0, 1]).ravel()
@@ -458,13 +615,17 @@ def _binary_oracle(t: NDArray[Any], p: NDArray[Any]) -> dict[str, float]:
             "recall": float(skm.recall_score(t, p, zero_division=0)),
             "f1": float(skm.f1_score(t, p, zero_division=0)),
             "accuracy": float(skm.accuracy_score(t, p)),
-            "tp": float(tp), "fp": float(fp), "fn": float(fn), "tn": float(tn),
+            "tp": float(tp),
+            "fp": float(fp),
+            "fn": float(fn),
+            "tn": float(tn),
         }
 
 
 @st.composite
-def _label_blocks(draw: st.DrawFn, labels: st.SearchStrategy[int]
-                  ) -> tuple[NDArray[Any], NDArray[Any], Bools]:
+def _label_blocks(
+    draw: st.DrawFn, labels: st.SearchStrategy[int]
+) -> tuple[NDArray[Any], NDArray[Any], Bools]:
     """y_true, y_pred (float64 or int64) and a mask, garbage in invalid slots of y_true."""
     rows = draw(st.integers(1, 5))
     slots = draw(st.integers(1, 12))
@@ -497,23 +658,57 @@ def test_binary_summary_matches_sklearn(block: tuple[NDArray[Any], NDArray[Any],
 
 
 BINARY_CASES = [
-    ("all negative", [0, 0, 0], [0, 0, 0],
-     {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1.0, "tn": 3.0}),
-    ("all positive", [1, 1], [1, 1],
-     {"precision": 1.0, "recall": 1.0, "f1": 1.0, "accuracy": 1.0, "tp": 2.0}),
-    ("no positive prediction", [1, 0, 1], [0, 0, 0],
-     {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1 / 3, "fn": 2.0, "tn": 1.0}),
-    ("no positive label", [0, 0], [1, 0],
-     {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 0.5, "fp": 1.0, "tn": 1.0}),
-    ("mixed", [1, 1, 0, 0, 1], [1, 0, 1, 0, 1],
-     {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "accuracy": 0.6, "tp": 2.0}),
-    ("empty", [], [], {"precision": NAN, "recall": NAN, "f1": NAN, "accuracy": NAN,
-                       "tp": 0.0, "fp": 0.0, "fn": 0.0, "tn": 0.0}),
+    (
+        "all negative",
+        [0, 0, 0],
+        [0, 0, 0],
+        {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1.0, "tn": 3.0},
+    ),
+    (
+        "all positive",
+        [1, 1],
+        [1, 1],
+        {"precision": 1.0, "recall": 1.0, "f1": 1.0, "accuracy": 1.0, "tp": 2.0},
+    ),
+    (
+        "no positive prediction",
+        [1, 0, 1],
+        [0, 0, 0],
+        {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1 / 3, "fn": 2.0, "tn": 1.0},
+    ),
+    (
+        "no positive label",
+        [0, 0],
+        [1, 0],
+        {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 0.5, "fp": 1.0, "tn": 1.0},
+    ),
+    (
+        "mixed",
+        [1, 1, 0, 0, 1],
+        [1, 0, 1, 0, 1],
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "accuracy": 0.6, "tp": 2.0},
+    ),
+    (
+        "empty",
+        [],
+        [],
+        {
+            "precision": NAN,
+            "recall": NAN,
+            "f1": NAN,
+            "accuracy": NAN,
+            "tp": 0.0,
+            "fp": 0.0,
+            "fn": 0.0,
+            "tn": 0.0,
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize(("t", "p", "expected"), [c[1:] for c in BINARY_CASES],
-                         ids=[c[0] for c in BINARY_CASES])
+@pytest.mark.parametrize(
+    ("t", "p", "expected"), [c[1:] for c in BINARY_CASES], ids=[c[0] for c in BINARY_CASES]
+)
 def test_binary_edge_cases(t: list[int], p: list[int], expected: dict[str, float]) -> None:
     """One-class windows use zero_division=0; empty windows have NaN ratios and zero counts."""
     y_true, valid = _block([t])
@@ -532,8 +727,9 @@ def test_binary_edge_cases(t: list[int], p: list[int], expected: dict[str, float
 # Multiclass classification
 
 
-def _multiclass_oracle(t: NDArray[Any], p: NDArray[Any]
-                       ) -> tuple[dict[str, float], tuple[list[int], list[list[int]]]]:
+def _multiclass_oracle(
+    t: NDArray[Any], p: NDArray[Any]
+) -> tuple[dict[str, float], tuple[list[int], list[list[int]]]]:
     """sklearn's multiclass metrics (zero_division=0) and its default confusion matrix."""
     t, p = t.astype(int), p.astype(int)
     labels = sorted(set(t.tolist()) | set(p.tolist()))
@@ -586,8 +782,9 @@ MULTICLASS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("t", "p"), [c[1:] for c in MULTICLASS_CASES],
-                         ids=[c[0] for c in MULTICLASS_CASES])
+@pytest.mark.parametrize(
+    ("t", "p"), [c[1:] for c in MULTICLASS_CASES], ids=[c[0] for c in MULTICLASS_CASES]
+)
 def test_multiclass_edge_cases(t: list[int], p: list[int]) -> None:
     """Gaps, a single label, unseen predicted labels and sparse labels match sklearn."""
     y_true, valid = _block([t, [], [1, 0]])
@@ -624,9 +821,12 @@ def _regression_oracle(t: F64, p: F64, threshold: float) -> dict[str, float]:
         return dict.fromkeys(REGRESSION_METRICS, NAN)
     with _quiet():
         mse = float(skm.mean_squared_error(t, p))
-        out = {"mse": mse, "rmse": float(skm.root_mean_squared_error(t, p)),
-               "mae": float(skm.mean_absolute_error(t, p)),
-               "within_threshold": float(np.mean(np.abs(t - p) <= threshold))}
+        out = {
+            "mse": mse,
+            "rmse": float(skm.root_mean_squared_error(t, p)),
+            "mae": float(skm.mean_absolute_error(t, p)),
+            "within_threshold": float(np.mean(np.abs(t - p) <= threshold)),
+        }
         if n < 2:
             out["r2"] = NAN
         elif t.min() == t.max():  # sklearn's documented rule, free of its mean's rounding
@@ -687,26 +887,53 @@ def test_regression_summary_matches_sklearn_and_scipy(
 
 
 REGRESSION_CASES = [
-    ("constant y_true, perfect", [2.0, 2.0, 2.0], [2.0, 2.0, 2.0],
-     {"mse": 0.0, "r2": 1.0, "pearson_r": NAN, "within_threshold": 1.0}),
-    ("constant y_true, imperfect", [2.0, 2.0, 2.0], [2.0, 3.0, 2.0],
-     {"mse": 1 / 3, "mae": 1 / 3, "r2": 0.0, "pearson_r": NAN, "within_threshold": 2 / 3}),
+    (
+        "constant y_true, perfect",
+        [2.0, 2.0, 2.0],
+        [2.0, 2.0, 2.0],
+        {"mse": 0.0, "r2": 1.0, "pearson_r": NAN, "within_threshold": 1.0},
+    ),
+    (
+        "constant y_true, imperfect",
+        [2.0, 2.0, 2.0],
+        [2.0, 3.0, 2.0],
+        {"mse": 1 / 3, "mae": 1 / 3, "r2": 0.0, "pearson_r": NAN, "within_threshold": 2 / 3},
+    ),
     ("constant 0.1 y_true, imperfect", [0.1] * 3, [0.1, 0.2, 0.1], {"r2": 0.0, "pearson_r": NAN}),
-    ("constant y_pred", [1.0, 2.0, 3.0], [2.0, 2.0, 2.0],
-     {"mse": 2 / 3, "r2": 0.0, "pearson_r": NAN}),
-    ("one pair", [1.0], [1.5], {"mse": 0.25, "rmse": 0.5, "mae": 0.5, "r2": NAN,
-                                "pearson_r": NAN, "within_threshold": 1.0}),
-    ("two pairs", [1.0, 2.0], [2.0, 1.0], {"mse": 1.0, "r2": -3.0, "pearson_r": -1.0,
-                                           "within_threshold": 0.0}),
+    (
+        "constant y_pred",
+        [1.0, 2.0, 3.0],
+        [2.0, 2.0, 2.0],
+        {"mse": 2 / 3, "r2": 0.0, "pearson_r": NAN},
+    ),
+    (
+        "one pair",
+        [1.0],
+        [1.5],
+        {
+            "mse": 0.25,
+            "rmse": 0.5,
+            "mae": 0.5,
+            "r2": NAN,
+            "pearson_r": NAN,
+            "within_threshold": 1.0,
+        },
+    ),
+    (
+        "two pairs",
+        [1.0, 2.0],
+        [2.0, 1.0],
+        {"mse": 1.0, "r2": -3.0, "pearson_r": -1.0, "within_threshold": 0.0},
+    ),
     ("threshold inclusive", [0.0, 0.0], [0.5, -0.5], {"mae": 0.5, "within_threshold": 1.0}),
     ("empty", [], [], dict.fromkeys(REGRESSION_METRICS, NAN)),
 ]
 
 
-@pytest.mark.parametrize(("t", "p", "expected"), [c[1:] for c in REGRESSION_CASES],
-                         ids=[c[0] for c in REGRESSION_CASES])
-def test_regression_edge_cases(t: list[float], p: list[float],
-                               expected: dict[str, float]) -> None:
+@pytest.mark.parametrize(
+    ("t", "p", "expected"), [c[1:] for c in REGRESSION_CASES], ids=[c[0] for c in REGRESSION_CASES]
+)
+def test_regression_edge_cases(t: list[float], p: list[float], expected: dict[str, float]) -> None:
     """Constant y_true forces r2 to 1/0, constant sides or n < 2 make r2/pearson NaN."""
     y_true, valid = _block([t, [5.0, -5.0, 1.0]])
     y_pred, _ = _block([p, [4.0, -4.0, 0.0]])

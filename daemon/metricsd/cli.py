@@ -472,15 +472,7 @@ async def _dev(args: argparse.Namespace, stop: asyncio.Event) -> None:
         )
         settings = settings_from(args, bootstrap_servers=broker.bootstrap)
         sim = simulate_settings_from(args, bootstrap_servers=broker.bootstrap, duration=0.0)
-        await kafka.ensure_topics(
-            broker.bootstrap,
-            {
-                settings.input_topic: settings.partitions,
-                settings.output_topic: settings.partitions,
-                settings.dead_letter_topic: settings.partitions,
-            },
-            security=settings.security,
-        )
+        await kafka.ensure_topics(broker.bootstrap, settings.topics(), security=settings.security)
         daemon_stop, sim_stop = asyncio.Event(), asyncio.Event()
         tasks = [
             asyncio.create_task(service.run(settings, daemon_stop), name="daemon"),

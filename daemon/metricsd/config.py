@@ -280,6 +280,15 @@ class Settings:
         )
         _check(self.max_records >= 1, f"max-records must be >= 1, got {self.max_records}")
 
+    def topics(self) -> dict[str, int]:
+        """The topics the daemon creates when missing (name -> partitions); the changelog is
+        created apart, with the input topic's partition count and compaction."""
+        return {
+            self.input_topic: self.partitions,
+            self.output_topic: self.partitions,
+            self.dead_letter_topic: self.partitions,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class SimulateSettings:

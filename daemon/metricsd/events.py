@@ -3,8 +3,8 @@
 Plan
 ----
 Operations: ``Decoder.decode(key, value)`` turns one Kafka record into one event (a frozen
-dataclass) or raises :class:`InvalidEvent`; ``encode(record)`` serialises an output record
-(summary, profile, dead letter); ``dead_letter(...)`` builds the record for a rejected input.
+dataclass) or raises :class:`InvalidEvent`. Records going out (summaries, profiles, dead letters)
+are built and serialised by ``metricsd.records``.
 
 Contract (STYLE 6): for ANY key and value bytes, ``decode`` returns an :data:`Event` or raises
 ``InvalidEvent`` whose ``reason`` is one of :data:`REASONS`. Any other exception escaping ``decode``
@@ -62,12 +62,11 @@ overflowing ones are parse errors), and every such value converts to a finite fl
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -88,8 +87,6 @@ __all__ = [
     "InvalidEvent",
     "Prediction",
     "RunEnd",
-    "dead_letter",
-    "encode",
 ]
 
 REASONS: Final = (
@@ -558,8 +555,9 @@ def _unparseable(value: Any, exc: orjson.JSONDecodeError) -> InvalidEvent:
         return InvalidEvent("malformed_json", "the record has no value (a tombstone)")
     scan = _Scan()
     try:
-        json.loads(value, parse_constant=scan.constant, parse_float=scan.number,
-                   parse_int=scan.number)
+        json.loads(
+            value, parse_constant=scan.constant, parse_float=scan.number, parse_int=scan.number
+        )
     except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
         pass
     else:
@@ -568,63 +566,3 @@ def _unparseable(value: Any, exc: orjson.JSONDecodeError) -> InvalidEvent:
                 "non_finite", "the value holds NaN, Infinity or a number beyond the float64 range"
             )
     return InvalidEvent("malformed_json", f"the value is not JSON: {str(exc)[:_SNIP]}")
-
-
-# ---------------------------------------------------------------------- records out
-_ENCODE_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _encode_default(obj: Any) -> Any:
-    # orjson serialises only C-contiguous native arrays itself; everything else NumPy lands here.
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def encode(record: Mapping[str, Any]) -> bytes:
-    """Serialise an output record to JSON bytes; NaN and ±inf (float or NumPy) become null.
-
-    Records should carry None for undefined statistics already; orjson's null for non-finite
-    floats is the safety net. Non-string keys or unknown types raise (a bug in the caller).
-    """
-    return orjson.dumps(record, default=_encode_default, option=_ENCODE_OPTIONS)
-
-
-def dead_letter(
-    exc: InvalidEvent,
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    timestamp_ms: int | None,
-    key: bytes | None,
-    value: bytes | None,
-    emitted_at: float,
-    max_value_bytes: int | None = None,
-) -> dict[str, Any]:
-    """The ``dead_letter`` record (schemas/dead_letter.schema.json) for a rejected input record.
-
-    ``max_value_bytes`` (None = no limit) keeps only a prefix of the value, flagged by
-    ``value_truncated``, so that the record fits the dead-letter topic: base64 grows the value by
-    a third, and an input near the broker's message size limit would not fit otherwise.
-    """
-    truncated = max_value_bytes is not None and value is not None and len(value) > max_value_bytes
-    if truncated:
-        assert value is not None and max_value_bytes is not None
-        value = value[:max_value_bytes]
-    return {
-        "type": "dead_letter",
-        "schema_version": 1,
-        "reason": exc.reason,
-        "detail": exc.detail,
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "timestamp_ms": timestamp_ms,
-        "key_b64": None if key is None else base64.b64encode(key).decode("ascii"),
-        "value_b64": None if value is None else base64.b64encode(value).decode("ascii"),
-        "value_truncated": truncated,
-        "emitted_at": emitted_at,
-    }

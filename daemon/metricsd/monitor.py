@@ -46,10 +46,10 @@ from numpy.typing import NDArray
 
 from metricsd import analyses, stats
 from metricsd.buffers import RingBank
+from metricsd.changelog import RowState
 from metricsd.config import MonitorSettings
 from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction, RunEnd
 from metricsd.profiler import Profiler
-from metricsd.state import RowState
 
 __all__ = ["MAX_SPLITS", "Monitor"]
 
@@ -187,9 +187,7 @@ class _Computed:
     last: FloatArray
 
 
-def _compact(
-    values: FloatArray, mask: BoolArray, counts: IntArray
-) -> tuple[FloatArray, BoolArray]:
+def _compact(values: FloatArray, mask: BoolArray, counts: IntArray) -> tuple[FloatArray, BoolArray]:
     """The masked slots of each row moved to the left of a block as wide as the fullest row.
 
     A 60 s window often holds a fraction of the 1,000-slot buffer; sorting the padded full width

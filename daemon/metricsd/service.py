@@ -36,12 +36,7 @@ from typing import Any
 import structlog
 
 from metricsd import kafka
-from metricsd.config import Settings
-from metricsd.events import Decoder, Event, InvalidEvent, dead_letter, encode
-from metricsd.logs import RateLimiter
-from metricsd.monitor import Monitor
-from metricsd.profiler import Profiler
-from metricsd.state import (
+from metricsd.changelog import (
     Restorer,
     RowState,
     checkpoint_record,
@@ -49,6 +44,12 @@ from metricsd.state import (
     fence_record,
     tombstones,
 )
+from metricsd.config import Settings
+from metricsd.events import Decoder, Event, InvalidEvent
+from metricsd.logs import RateLimiter
+from metricsd.monitor import Monitor
+from metricsd.profiler import Profiler
+from metricsd.records import dead_letter, encode, profile_record
 
 __all__ = ["Counters", "Service", "run"]
 
@@ -109,14 +110,7 @@ class Service:
         # An unreachable broker at start-up is waited for (with backoff and a warning per
         # attempt) until it comes or a signal arrives; refused TLS/SASL fails at once.
         topics = kafka.ensure_topics(
-            s.bootstrap_servers,
-            {
-                s.input_topic: s.partitions,
-                s.output_topic: s.partitions,
-                s.dead_letter_topic: s.partitions,
-            },
-            security=s.security,
-            timeout=None,
+            s.bootstrap_servers, s.topics(), security=s.security, timeout=None
         )
         done, created = await _unless_stopped(topics, stop)
         if not done:
@@ -403,13 +397,7 @@ class Service:
 
     async def _publish_profile(self, interval: float) -> None:
         body = self.profiler.report(interval)
-        record = {
-            "type": "profile",
-            "schema_version": 1,
-            "instance": self.instance,
-            "emitted_at": time.time(),
-            **body,
-        }
+        record = profile_record(body, instance=self.instance, emitted_at=time.time())
         log.info(
             "profile",
             ticks=body["ticks"],

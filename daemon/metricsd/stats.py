@@ -390,8 +390,9 @@ class _Confusion:
     tn: F64
 
 
-def _binary_blocks(y_true: NDArray[Any], y_pred: NDArray[Any], valid: Bools
-                   ) -> Iterator[tuple[slice, _Confusion]]:
+def _binary_blocks(
+    y_true: NDArray[Any], y_pred: NDArray[Any], valid: Bools
+) -> Iterator[tuple[slice, _Confusion]]:
     """Count tp/fp/fn/tn per row, one chunk of rows at a time (bounded boolean temporaries)."""
     rows, slots = valid.shape
     for rs in _chunks(rows, slots):
@@ -576,8 +577,9 @@ def multiclass_summary(
     k_pair = k[row_of]
     local_true = key_true - first[row_of]
     local_pred = key_pred - first[row_of]
-    flat = np.bincount(offset[row_of] + local_true * k_pair + local_pred,
-                       minlength=int(cells.sum()))
+    flat = np.bincount(
+        offset[row_of] + local_true * k_pair + local_pred, minlength=int(cells.sum())
+    )
     hit = key_true == key_pred
     block = _PerLabel(
         n=np.bincount(row_of, minlength=rows).astype(np.float64),
@@ -633,8 +635,9 @@ def _constant_rows(x: F64, invalid: Bools | None) -> Bools:
     return np.asarray(lo == hi)
 
 
-def _regression_blocks(y_true: F64, y_pred: F64, valid: Bools, threshold: float
-                       ) -> Iterator[tuple[slice, _Pairs]]:
+def _regression_blocks(
+    y_true: F64, y_pred: F64, valid: Bools, threshold: float
+) -> Iterator[tuple[slice, _Pairs]]:
     """Prepare error sums and centred co-moments, one chunk of rows at a time."""
     rows, slots = valid.shape
     height = _chunk_rows(rows, slots)
@@ -724,12 +727,12 @@ _REGRESSION: dict[str, Callable[[_Pairs], F64]] = {
 REGRESSION_METRICS: tuple[str, ...] = tuple(_REGRESSION)
 
 
-def regression_summary(y_true: F64, y_pred: F64, valid: Bools, threshold: float
-                       ) -> dict[str, F64]:
+def regression_summary(y_true: F64, y_pred: F64, valid: Bools, threshold: float) -> dict[str, F64]:
     """Regression metrics per row of (y_true, y_pred) pairs; empty rows give NaN everywhere."""
     t = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
     mask = _check_block(valid, t, p)
     with np.errstate(all="ignore"):
-        return _run_table(_REGRESSION, _regression_blocks(t, p, mask, float(threshold)),
-                          mask.shape[0])
+        return _run_table(
+            _REGRESSION, _regression_blocks(t, p, mask, float(threshold)), mask.shape[0]
+        )

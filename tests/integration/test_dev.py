@@ -15,9 +15,26 @@ def test_dev_demo_prints_every_stream_and_a_profile_then_exits() -> None:
     """`metricsd dev --duration` starts its own broker, prints summaries of all five streams and a
     profile line, and exits 0 by itself."""
     proc = subprocess.run(
-        [sys.executable, "-m", "metricsd.cli", "dev", "--duration", "14", "--interval", "1",
-         "--profile-interval", "4", "--rate", "400", "--log-format", "json"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "metricsd.cli",
+            "dev",
+            "--duration",
+            "14",
+            "--interval",
+            "1",
+            "--profile-interval",
+            "4",
+            "--rate",
+            "400",
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

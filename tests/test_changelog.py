@@ -5,12 +5,9 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-from metricsd import state as state_mod
+from metricsd import changelog as state_mod
 from metricsd.buffers import RowSnapshot
-from metricsd.config import MonitorSettings
-from metricsd.events import Decoder
-from metricsd.monitor import Monitor
-from metricsd.state import (
+from metricsd.changelog import (
     Restorer,
     RowState,
     checkpoint_record,
@@ -18,6 +15,9 @@ from metricsd.state import (
     fence_record,
     tombstones,
 )
+from metricsd.config import MonitorSettings
+from metricsd.events import Decoder
+from metricsd.monitor import Monitor
 
 _decoder = Decoder()
 
