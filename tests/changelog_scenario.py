@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
-
 from metricsd.config import MonitorSettings
 
 SETTINGS = MonitorSettings(window=12, time_windows=(), idle_timeout=0.0)
@@ -49,3 +48,11 @@ def _event(rng: np.random.Generator, run: str, i: int) -> dict[str, object]:
         case _:
             return {"type": "attention", "run_id": run, "ts": ts,
                     "weights": rng.dirichlet(np.ones(3), size=2).tolist()}  # fmt: skip
+
+
+def ticks(log: dict[int, list[bytes]]) -> int:
+    return -(-len(log[PARTITIONS[0]]) // TICK_EVERY)
+
+
+def now_of(tick: int) -> float:
+    return 1_764_000_000.0 + tick * TICK_EVERY

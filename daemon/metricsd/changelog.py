@@ -26,7 +26,7 @@ between the acknowledgement and the commit), so that every event is in the windo
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,10 @@ from metricsd.buffers import RowSnapshot
 
 __all__ = [
     "CHUNK_BYTES",
+    "Changelog",
+    "Placed",
+    "Restore",
+    "Restored",
     "Restorer",
     "RowState",
     "checkpoint_record",
@@ -50,6 +54,8 @@ CHUNK_BYTES = 900_000
 _VERSION = 1
 
 Record = tuple[bytes, bytes | None]  # key, value (None = tombstone)
+Placed = tuple[int, Record]  # changelog partition, record
+RowKey = tuple[str, str]  # run_id, stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +201,125 @@ class Restorer:
                 yield _decode_row(parts)
             except (KeyError, ValueError, zlib.error, orjson.JSONDecodeError):
                 self._corrupt += 1
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What reading some changelog partitions up to their fences gave."""
+
+    rows: list[tuple[int, RowState]]  # (partition, row), to rebuild in the monitor
+    offsets: dict[int, int]  # partition -> last checkpoint: seek the input partition there
+    chunk_counts: dict[int, dict[RowKey, int]]  # chunk keys present per row (for tombstones)
+    corrupt: int
+    records: int
+    bytes: int
+
+
+class Restore:
+    """Reading changelog partitions back: the fence records to write first, then ``feed`` every
+    record read (any order across partitions, offset order within one) until ``done``."""
+
+    def __init__(self, partitions: Iterable[int], token: str) -> None:
+        self._restorers = {p: Restorer(fence_token=token) for p in partitions}
+        self.fences: list[Placed] = [(p, fence_record(p, token)) for p in self._restorers]
+
+    @property
+    def partitions(self) -> list[int]:
+        return list(self._restorers)
+
+    def feed(self, partition: int, key: bytes | None, value: bytes | None) -> None:
+        self._restorers[partition].feed(key, value)
+
+    @property
+    def done(self) -> bool:
+        """Every partition was read up to its own fence."""
+        return all(r.fenced for r in self._restorers.values())
+
+    def result(self) -> Restored:
+        rows = [(p, state) for p, r in self._restorers.items() for state in r.rows()]
+        rs = self._restorers
+        return Restored(
+            rows=rows,
+            offsets={p: r.offset for p, r in rs.items() if r.offset is not None},
+            chunk_counts={p: dict(r.chunk_counts) for p, r in rs.items()},
+            corrupt=sum(r.corrupt for r in rs.values()),
+            records=sum(r.records_read for r in rs.values()),
+            bytes=sum(r.bytes_read for r in rs.values()),
+        )
+
+
+class Changelog:
+    """The writer's bookkeeping for the changelog partitions this instance owns. No I/O: it says
+    which records to write; the shell sends them in the order given, awaits the acks, commits.
+
+    Per owned partition it remembers how many chunk keys each row last wrote (so a row that
+    shrinks, ends or is evicted gets tombstones for every key it had) and the offset of the last
+    checkpoint (so an idle partition is not checkpointed again every tick).
+    """
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, dict[RowKey, int]] = {}
+        self._checkpointed: dict[int, int] = {}
+        self.snapshots = 0  # row snapshots written, for the stats
+
+    @property
+    def owned(self) -> set[int]:
+        return set(self._chunks)
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        for p in partitions:
+            self._chunks.setdefault(p, {})
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget partitions moved away: their state stays in the changelog for the next owner."""
+        for p in partitions:
+            self._chunks.pop(p, None)
+            self._checkpointed.pop(p, None)
+
+    def restored(self, restored: Restored) -> None:
+        """Adopt what a restore found: the chunk keys present and the last checkpoints."""
+        for p, counts in restored.chunk_counts.items():
+            self._chunks.setdefault(p, {}).update(counts)
+        self._checkpointed.update(restored.offsets)
+
+    def tick(
+        self,
+        positions: Mapping[int, int],
+        changed: Iterable[tuple[int, RowState]],
+        removed: Iterable[tuple[int, str, str]],
+        generation: int,
+    ) -> list[Placed]:
+        """The records of one tick for the owned partitions, in write order: each changed row's
+        chunks (plus tombstones for chunk keys it no longer uses), tombstones of removed rows,
+        then a checkpoint per partition that was touched or whose position moved.
+
+        ``positions`` maps input partition -> next offset consumed, taken together with the
+        changes (nothing ingested in between). Rows of partitions not owned are skipped.
+        """
+        out: list[Placed] = []
+        touched: set[int] = set()
+        for partition, state in changed:
+            chunks = self._chunks.get(partition)
+            if chunks is None:
+                continue
+            key = (state.run_id, state.stream)
+            records = encode_row(state, generation)
+            before = chunks.get(key, 0)
+            chunks[key] = len(records)
+            records += tombstones(state.run_id, state.stream, before)[len(records) :]
+            out += [(partition, r) for r in records]
+            self.snapshots += 1
+            touched.add(partition)
+        for partition, run_id, stream in removed:
+            chunks = self._chunks.get(partition)
+            if chunks is None:
+                continue
+            out += [
+                (partition, r) for r in tombstones(run_id, stream, chunks.pop((run_id, stream), 1))
+            ]
+            touched.add(partition)
+        for p, offset in positions.items():
+            if p in self._chunks and (p in touched or self._checkpointed.get(p) != offset):
+                out.append((p, checkpoint_record(p, offset)))
+                self._checkpointed[p] = offset
+        return out
