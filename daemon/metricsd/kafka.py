@@ -26,8 +26,12 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
+    InvalidTopicError,
     KafkaConnectionError,
     KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
@@ -38,6 +42,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from metricsd.config import Secret, Security
 
 __all__ = [
+    "PERMANENT_ERRORS",
     "ConsumerRecord",
     "KafkaAuthError",
     "KafkaConnectionError",
@@ -55,6 +60,16 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+
+# Send failures that no retry can fix: the record is too large for the broker or the client, or
+# the topic name is invalid. Everything else (timeouts, leader changes, a broker that is away)
+# may succeed later.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidTopicError,
+)
 
 
 class KafkaAuthError(Exception):

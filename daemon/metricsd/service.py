@@ -1,19 +1,18 @@
-"""The asyncio shell: consume -> decode -> monitor -> publish -> commit.
+"""The asyncio shell: clients, schedule and log lines around the pipeline
+(consume -> decode -> monitor -> publish -> commit, in :mod:`metricsd.pipeline`).
 
 Lifecycle (one readable loop, arq style): ``run(settings, stop)`` creates the topics, starts the
 producer and the group consumer, then loops until ``stop`` is set:
 
-1. ``getmany`` a batch (waiting at most until the next tick), decode each record; bad records
-   become dead letters (reason, counter, rate-limited warning, original bytes) and their offsets
-   advance like any other.
-2. ``monitor.ingest`` per partition; remember the next offset of every partition consumed.
-3. At each tick (every ``interval`` seconds, scheduled on a fixed grid so it does not drift):
-   ``monitor.due(now)``, publish every summary, wait until the broker acknowledged them and the
-   dead letters sent since the previous tick, then commit the offsets remembered before the tick.
-   A publish that fails keeps its records for the next tick and holds the commit back.
-
-At-least-once: after a crash, records after the last commit are consumed again, so a consumer of
-the summary topic may see a summary twice; ``id`` (run, stream, window, seq) de-duplicates.
+1. ``getmany`` a batch (waiting at most until the next tick) and hand it to the pipeline, which
+   decodes each record; bad records become dead letters (reason, counter, rate-limited warning,
+   original bytes) and their offsets advance like any other.
+2. At each tick (every ``interval`` seconds, scheduled on a fixed grid so it does not drift) the
+   pipeline publishes the due summaries and changelog records, waits until the broker
+   acknowledged them and the dead letters sent since the previous tick, then commits the offsets
+   remembered before the tick. A publish that fails is retried at the next tick and holds the
+   commit back.
+3. Every ``profile_interval`` a profile record, every ``stats_interval`` a ``stats`` log line.
 
 Shutdown (SIGTERM/SIGINT set ``stop``): a final tick, flush, commit, then the clients stop in
 reverse order of start-up, and one ``stopped`` line with the counts.
@@ -27,82 +26,35 @@ import gc
 import os
 import socket
 import time
-import uuid
-from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from metricsd import kafka
-from metricsd.changelog import (
-    Restorer,
-    RowState,
-    checkpoint_record,
-    encode_row,
-    fence_record,
-    tombstones,
-)
 from metricsd.config import Settings
-from metricsd.events import Decoder, Event, InvalidEvent
-from metricsd.logs import RateLimiter
-from metricsd.monitor import Monitor
+from metricsd.pipeline import Pipeline
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, encode, profile_record
+from metricsd.records import encode, profile_record
 
-__all__ = ["Counters", "Service", "run"]
+__all__ = ["Service", "run"]
 
 log = structlog.get_logger(__name__)
 
-_Pending = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition
-
-# Base64 grows a value by 4/3: beyond this the dead letter would not fit Kafka's default 1 MB
-# message limit, so only this prefix is kept (flagged ``value_truncated``).
-_DEAD_LETTER_VALUE_BYTES = 700_000
-
-
-@dataclass
-class Counters:
-    """What the service did, for the ``stats`` and ``stopped`` log lines."""
-
-    records: int = 0
-    events: int = 0
-    invalid: Counter[str] = field(default_factory=Counter)
-    summaries: int = 0
-    dead_letters: int = 0
-    profiles: int = 0
-    publish_failures: int = 0
-    commits: int = 0
-    ticks: int = 0
-    snapshots: int = 0
-
 
 class Service:
-    """One daemon instance: the Kafka clients around a :class:`Monitor`."""
+    """One daemon instance: the Kafka clients, the schedule and the operator's log lines around
+    a :class:`~metricsd.pipeline.Pipeline`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self.profiler = Profiler()
-        self.monitor = Monitor(settings.monitor, self.profiler, track_changes=settings.changelog)
-        self.decoder = Decoder(
-            max_array=settings.monitor.max_array, max_classes=settings.monitor.max_classes
-        )
-        self.counters = Counters()
-        self._warnings = RateLimiter(period=10.0)
-        self._consumed: dict[kafka.TopicPartition, int] = {}
-        self._unacked: list[_Pending] = []  # records whose publish failed: retried first
-        self._in_flight: list[tuple[_Pending, asyncio.Future[Any]]] = []
-        self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
+        self.pipeline = Pipeline(settings, self.instance, self.profiler)
+        self.monitor = self.pipeline.monitor
+        self.counters = self.pipeline.counters
         self._producer: Any = None
         self._consumer: Any = None
-        self._last_tick_ms = 0.0
-        self.assigned: set[kafka.TopicPartition] = set()
-        # Changelog bookkeeping: chunk keys each row last wrote, the last checkpoint per partition.
-        self._chunks: dict[tuple[str, str], int] = {}
-        self._checkpointed: dict[int, int] = {}
-        self._fatal: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -125,6 +77,7 @@ class Service:
         )
         self._producer = kafka.producer(s.bootstrap_servers, security=s.security)
         await self._producer.start()
+        self.pipeline.use_producer(self._producer)
         _tune_gc()
         try:
             if s.changelog:
@@ -146,9 +99,11 @@ class Service:
                 fetch_max_wait_ms=int(min(500.0, s.interval * 1000 / 20)),
             )
             await self._consumer.start()
+            self.pipeline.use_consumer(self._consumer)
             try:
                 self._consumer.subscribe(
-                    [s.input_topic], listener=kafka.Partitions(self._revoked, self._assigned)
+                    [s.input_topic],
+                    listener=kafka.Partitions(self.pipeline.revoke, self.pipeline.assign),
                 )
                 log.info(
                     "started",
@@ -174,7 +129,9 @@ class Service:
                 dead_letters=c.dead_letters,
                 commits=c.commits,
                 ticks=c.ticks,
-                publish_failures=c.publish_failures,
+                publish_failures=self.pipeline.outbox.failures,
+                publish_dropped=self.pipeline.outbox.dropped,
+                before_checkpoint=c.before_checkpoint,
                 runs_tracked=self.monitor.runs_tracked,
             )
 
@@ -187,7 +144,7 @@ class Service:
                 "shutdown_step_timed_out",
                 step=name,
                 timeout=self.settings.shutdown_timeout,
-                unacked=len(self._unacked) + len(self._in_flight),
+                unacked=self.pipeline.outbox.pending,
             )
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -199,8 +156,10 @@ class Service:
         next_stats = start + s.stats_interval
         stats_mark = (start, 0)
         while not stop.is_set():
-            if self._fatal is not None:
-                raise RuntimeError("cannot continue without the window state") from self._fatal
+            if self.pipeline.fatal is not None:
+                raise RuntimeError("cannot continue without the window state") from (
+                    self.pipeline.fatal
+                )
             wait = max(0.0, min(next_tick - clock(), 0.5))
             batch = await self._consumer.getmany(
                 timeout_ms=int(wait * 1000), max_records=s.max_records
@@ -227,173 +186,18 @@ class Service:
         try:
             await self.tick()
             await self._publish_profile(self.settings.profile_interval)
-            await self._settle()
+            await self.pipeline.outbox.settle()
         except kafka.KafkaError as exc:
             log.error("final_flush_failed", error=str(exc))
 
     # -- consume ---------------------------------------------------------------------------
-    async def _consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
-        if self._fatal is not None:
-            return  # the loop raises before anything else
-        decode = self.decoder.decode
-        now = time.time()
-        for tp, records in batch.items():
-            events: list[Event] = []
-            bad: list[tuple[InvalidEvent, kafka.ConsumerRecord]] = []
-            with self.profiler.profile_operation("decode", "ingest"):
-                for record in records:
-                    try:
-                        events.append(decode(record.key, record.value))
-                    except InvalidEvent as exc:
-                        bad.append((exc, record))
-            self.monitor.ingest(events, now, tp.partition)
-            self.counters.records += len(records)
-            self.counters.events += len(events)
-            for exc, record in bad:
-                await self._dead_letter(exc, record, now)
-            self._consumed[tp] = records[-1].offset + 1
-
-    async def _dead_letter(
-        self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
-    ) -> None:
-        self.counters.invalid[exc.reason] += 1
-        body = dead_letter(
-            exc,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp,
-            key=record.key,
-            value=record.value,
-            emitted_at=now,
-            max_value_bytes=_DEAD_LETTER_VALUE_BYTES,
-        )
-        await self._send((self.settings.dead_letter_topic, record.key, encode(body), None))
-        self.counters.dead_letters += 1
-        suppressed = self._warnings.allow(exc.reason)
-        if suppressed is not None:
-            log.warning(
-                "dead_letter",
-                reason=exc.reason,
-                detail=exc.detail,
-                partition=record.partition,
-                offset=record.offset,
-                suppressed=suppressed,
-            )
-
     # -- publish ---------------------------------------------------------------------------
-    async def _send(self, item: _Pending) -> None:
-        topic, key, value, partition = item
-        try:
-            future = await self._producer.send(topic, value, key=key, partition=partition)
-        except kafka.KafkaError as exc:
-            self._unacked.append(item)
-            self.counters.publish_failures += 1
-            log.error("publish_failed", topic=topic, error=str(exc))
-            return
-        self._in_flight.append((item, future))
-
-    async def _publish_summaries(self, records: list[dict[str, Any]]) -> None:
-        """Send summary records to the output topic, keyed by run (acks awaited by ``_settle``)."""
-        output = self.settings.output_topic
-        for record in records:
-            await self._send((output, record["run_id"].encode(), encode(record), None))
-        self.counters.summaries += len(records)
-
-    async def _settle(self) -> bool:
-        """Await the records in flight; failed ones go back for retry. True if all acked."""
-        in_flight, self._in_flight = self._in_flight, []
-        if not in_flight:
-            return not self._unacked
-        results = await asyncio.gather(*(f for _, f in in_flight), return_exceptions=True)
-        failed = [
-            item
-            for (item, _), r in zip(in_flight, results, strict=True)
-            if isinstance(r, BaseException)
-        ]
-        if failed:
-            self._unacked.extend(failed)
-            self.counters.publish_failures += len(failed)
-            first = next(r for r in results if isinstance(r, BaseException))
-            log.error("publish_failed", records=len(failed), error=str(first))
-        return not self._unacked
+    async def _consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
+        """One ``getmany`` result (a separate step so the ingest benchmark can time it)."""
+        await self.pipeline.consume(batch)
 
     async def tick(self) -> None:
-        """Publish the due summaries, wait for the acks, then commit what they cover."""
-        async with self._lock:
-            await self._tick()
-
-    async def _tick(self) -> None:
-        started = time.perf_counter()
-        with self.profiler.profile_operation("tick", "tick"):
-            # Positions, summaries and state changes are taken together, with no await between
-            # them: nothing can be ingested in between, so the state covers exactly `positions`.
-            positions = dict(self._consumed)
-            records = self.monitor.due(time.time())
-            changes = self.monitor.state_changes() if self.settings.changelog else None
-            retry, self._unacked = self._unacked, []
-            with self.profiler.profile_operation("publish", "publish"):
-                for item in retry:
-                    await self._send(item)
-                await self._publish_summaries(records)
-                if changes is not None:
-                    await self._write_state(positions, *changes)
-                acked = await self._settle()
-            if acked and positions:
-                await self._commit(positions)
-        self.counters.ticks += 1
-        self._last_tick_ms = (time.perf_counter() - started) * 1000.0
-
-    async def _write_state(
-        self,
-        positions: dict[kafka.TopicPartition, int],
-        changed: list[tuple[int, RowState]],
-        removed: list[tuple[int, str, str]],
-    ) -> None:
-        """Changelog records of one tick, per partition in order: changed rows, tombstones of
-        removed rows, then the checkpoint (docs/state.md)."""
-        topic = self.settings.state_topic
-        owned = {tp.partition for tp in self.assigned}
-        touched: set[int] = set()
-        generation = time.time_ns()
-        with self.profiler.profile_operation("snapshot", "state"):
-            for partition, state in changed:
-                if partition not in owned:
-                    continue
-                key = (state.run_id, state.stream)
-                records = encode_row(state, generation)
-                before = self._chunks.get(key, 0)
-                self._chunks[key] = len(records)
-                # Chunks the row no longer has are deleted so compaction can drop them.
-                records += tombstones(state.run_id, state.stream, before)[len(records) :]
-                for k, v in records:
-                    await self._send((topic, k, v, partition))
-                self.counters.snapshots += 1
-                touched.add(partition)
-            for partition, run_id, stream in removed:
-                if partition not in owned:
-                    continue
-                for k, v in tombstones(run_id, stream, self._chunks.pop((run_id, stream), 1)):
-                    await self._send((topic, k, v, partition))
-                touched.add(partition)
-            for tp, offset in positions.items():
-                p = tp.partition
-                if p in owned and (p in touched or self._checkpointed.get(p) != offset):
-                    await self._send((topic, *checkpoint_record(p, offset), p))
-                    self._checkpointed[p] = offset
-
-    async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
-        owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
-        if not owned:
-            return
-        try:
-            await self._consumer.commit(
-                {tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()}
-            )
-            self.counters.commits += 1
-        except kafka.KafkaError as exc:
-            # A rebalance in progress: the new owner re-reads from the last commit (at-least-once).
-            log.warning("commit_failed", error=str(exc))
+        await self.pipeline.tick()
 
     async def _publish_profile(self, interval: float) -> None:
         body = self.profiler.report(interval)
@@ -413,17 +217,16 @@ class Service:
                 for op in body["operations"]
             },
         )
-        async with self._lock:
-            await self._send(
-                (self.settings.output_topic, self.instance.encode(), encode(record), None)
-            )
+        await self.pipeline.publish(
+            self.settings.output_topic, self.instance.encode(), encode(record)
+        )
         self.counters.profiles += 1
 
     def _log_stats(self, mark: tuple[float, int], now: float) -> tuple[float, int]:
         since, events_before = mark
         c = self.counters
         lag = 0
-        for tp, position in self._consumed.items():
+        for tp, position in self.pipeline.consumed.items():
             high = self._consumer.highwater(tp)
             if high is not None:
                 lag += max(0, high - position)
@@ -436,96 +239,16 @@ class Service:
             runs_tracked=self.monitor.runs_tracked,
             runs_evicted=self.monitor.runs_evicted,
             streams_evicted=self.monitor.streams_evicted,
-            partitions=len(self.assigned),
+            partitions=len(self.pipeline.assigned),
             consumer_lag=lag,
-            last_tick_ms=round(self._last_tick_ms, 3),
+            last_tick_ms=round(self.pipeline.last_tick_ms, 3),
             summaries=c.summaries,
-            publish_failures=c.publish_failures,
+            publish_failures=self.pipeline.outbox.failures,
+            publish_dropped=self.pipeline.outbox.dropped,
         )
         return now, c.events
 
     # -- rebalance -------------------------------------------------------------------------
-    async def _revoked(self, revoked: set[kafka.TopicPartition]) -> None:
-        """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
-        async with self._lock:
-            await self._tick()
-            released = self.monitor.release_partitions(
-                (tp.partition for tp in revoked), time.time()
-            )
-            # Dirty data was published by the tick above: this is normally empty.
-            await self._publish_summaries(released)
-            await self._settle()
-            for tp in revoked:
-                self._consumed.pop(tp, None)
-                self._checkpointed.pop(tp.partition, None)
-            self.assigned -= revoked
-        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
-
-    async def _assigned(self, assigned: set[kafka.TopicPartition]) -> None:
-        """Restore the window state of ``assigned`` before any of their records is fetched."""
-        async with self._lock:
-            self.assigned |= assigned
-            if self.settings.changelog and assigned:
-                try:
-                    await self._restore(assigned)
-                except Exception as exc:
-                    # Consuming without the state would count events twice or lose windows:
-                    # stop instead, loudly; the next start (or the next owner) restores again.
-                    log.error("state_restore_failed", error=repr(exc))
-                    self._fatal = exc
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-
-    async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:
-        """Read the changelog partitions up to a fence of our own, rebuild the rows, and seek the
-        input partitions to their last checkpoint (docs/state.md)."""
-        s = self.settings
-        started = time.perf_counter()
-        token = f"{self.instance}-{uuid.uuid4().hex}"
-        restorers = {tp.partition: Restorer(fence_token=token) for tp in assigned}
-        for p in restorers:
-            await self._send((s.state_topic, *fence_record(p, token), p))
-        if not await self._settle():
-            raise kafka.KafkaError("could not write the changelog fence records")
-
-        def feed(partition: int, key: bytes | None, value: bytes | None) -> None:
-            restorers[partition].feed(key, value)
-
-        await kafka.read_partitions(
-            s.bootstrap_servers,
-            s.state_topic,
-            list(restorers),
-            feed,
-            lambda: all(r.fenced for r in restorers.values()),
-            security=s.security,
-            timeout=s.restore_timeout,
-        )
-        rows = corrupt = 0
-        seeks = {}
-        for p, restorer in restorers.items():
-            for state in restorer.rows():
-                self.monitor.restore(state, p)
-                rows += 1
-            self._chunks.update(restorer.chunk_counts)
-            corrupt += restorer.corrupt
-            if restorer.offset is None:
-                continue
-            tp = kafka.TopicPartition(s.input_topic, p)
-            # The checkpoint is where the restored windows end: resume exactly there, whatever
-            # was committed (ahead of it if the daemon died between acknowledgement and commit).
-            self._consumer.seek(tp, restorer.offset)
-            self._consumed[tp] = restorer.offset
-            self._checkpointed[p] = restorer.offset
-            seeks[p] = restorer.offset
-        log.info(
-            "state_restored",
-            partitions=sorted(restorers),
-            rows=rows,
-            corrupt=corrupt,
-            records=sum(r.records_read for r in restorers.values()),
-            bytes=sum(r.bytes_read for r in restorers.values()),
-            seconds=round(time.perf_counter() - started, 3),
-            resume_offsets=seeks,
-        )
 
 
 async def _unless_stopped(

@@ -1,0 +1,299 @@
+"""The processing core of one daemon instance, between the Kafka clients: decode each consumed
+batch into the monitor (bad records to the dead-letter topic), and at each tick publish the due
+summaries and the changelog records, await the acknowledgements, then commit the offsets they
+cover. Rebalances publish and commit before a partition goes, and restore its window state before
+a new one is fetched. The clients are handed in by :class:`metricsd.service.Service`, which owns
+the lifecycle and the schedule; what to write and when it is safe is decided by the pure
+:class:`~metricsd.changelog.Changelog` and by the :class:`~metricsd.outbox.Outbox`.
+
+At-least-once: after a crash, records after the last commit are consumed again, so a consumer of
+the summary topic may see a summary twice; ``id`` (run, stream, window, seq) de-duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from metricsd import kafka
+from metricsd.changelog import Changelog, Restore, RowState
+from metricsd.config import Settings
+from metricsd.events import Decoder, Event, InvalidEvent
+from metricsd.logs import RateLimiter
+from metricsd.monitor import Monitor
+from metricsd.outbox import Outbox
+from metricsd.profiler import Profiler
+from metricsd.records import dead_letter, encode
+
+__all__ = ["Counters", "Pipeline"]
+
+log = structlog.get_logger(__name__)
+
+# Base64 grows a value by 4/3: beyond this the dead letter would not fit Kafka's default 1 MB
+# message limit, so only this prefix is kept (flagged ``value_truncated``).
+_DEAD_LETTER_VALUE_BYTES = 700_000
+
+
+@dataclass
+class Counters:
+    """What the service did, for the ``stats`` and ``stopped`` log lines."""
+
+    records: int = 0
+    events: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    summaries: int = 0
+    dead_letters: int = 0
+    profiles: int = 0
+    commits: int = 0
+    ticks: int = 0
+    before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
+
+
+class Pipeline:
+    """Monitor, changelog and outbox of one instance, and the offsets consumed and owned."""
+
+    def __init__(self, settings: Settings, instance: str, profiler: Profiler) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.profiler = profiler
+        self.monitor = Monitor(settings.monitor, profiler, track_changes=settings.changelog)
+        self.decoder = Decoder(
+            max_array=settings.monitor.max_array, max_classes=settings.monitor.max_classes
+        )
+        self.counters = Counters()
+        self.changelog = Changelog()
+        self.assigned: set[kafka.TopicPartition] = set()
+        self.last_tick_ms = 0.0
+        self.fatal: BaseException | None = None  # a failed restore: the loop stops on it
+        self._warnings = RateLimiter(period=10.0)
+        self._consumed: dict[kafka.TopicPartition, int] = {}
+        # Restored partitions: records before the checkpoint are in the windows already.
+        self._floors: dict[kafka.TopicPartition, int] = {}
+        self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
+        self._outbox: Outbox | None = None
+        self._consumer: Any = None
+
+    def use_producer(self, producer: Any) -> None:
+        """The started producer: every record goes out through one outbox."""
+        self._outbox = Outbox(producer)
+
+    def use_consumer(self, consumer: Any) -> None:
+        """The group consumer: commits and the seeks of a restore."""
+        self._consumer = consumer
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the producer is not started")
+        return self._outbox
+
+    @property
+    def consumed(self) -> dict[kafka.TopicPartition, int]:
+        """Next offset to consume per partition (for the lag in the stats)."""
+        return self._consumed
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """One record outside a tick (the profile), acknowledged with the next tick's."""
+        async with self._lock:
+            await self.outbox.send(topic, key, value)
+
+    # -- consume ---------------------------------------------------------------------------
+    async def consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
+        if self.fatal is not None:
+            return  # the loop raises before anything else
+        decode = self.decoder.decode
+        now = time.time()
+        for tp, records in batch.items():
+            floor = self._floors.get(tp)
+            if floor is not None and records[0].offset < floor:
+                kept = [r for r in records if r.offset >= floor]
+                self.counters.before_checkpoint += len(records) - len(kept)
+                records = kept
+                if not records:
+                    continue
+            events: list[Event] = []
+            bad: list[tuple[InvalidEvent, kafka.ConsumerRecord]] = []
+            with self.profiler.profile_operation("decode", "ingest"):
+                for record in records:
+                    try:
+                        events.append(decode(record.key, record.value))
+                    except InvalidEvent as exc:
+                        bad.append((exc, record))
+            self.monitor.ingest(events, now, tp.partition)
+            self.counters.records += len(records)
+            self.counters.events += len(events)
+            for error, record in bad:
+                await self._dead_letter(error, record, now)
+            self._consumed[tp] = records[-1].offset + 1
+
+    async def _dead_letter(
+        self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
+    ) -> None:
+        self.counters.invalid[exc.reason] += 1
+        body = dead_letter(
+            exc,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            key=record.key,
+            value=record.value,
+            emitted_at=now,
+            max_value_bytes=_DEAD_LETTER_VALUE_BYTES,
+        )
+        await self.outbox.send(self.settings.dead_letter_topic, record.key, encode(body))
+        self.counters.dead_letters += 1
+        suppressed = self._warnings.allow(exc.reason)
+        if suppressed is not None:
+            log.warning(
+                "dead_letter",
+                reason=exc.reason,
+                detail=exc.detail,
+                partition=record.partition,
+                offset=record.offset,
+                suppressed=suppressed,
+            )
+
+    async def _publish_summaries(self, records: list[dict[str, Any]]) -> None:
+        """Send summary records to the output topic, keyed by run (acked in ``Outbox.settle``)."""
+        output = self.settings.output_topic
+        for record in records:
+            await self.outbox.send(output, record["run_id"].encode(), encode(record))
+        self.counters.summaries += len(records)
+
+    # -- tick ------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Publish the due summaries, wait for the acks, then commit what they cover."""
+        async with self._lock:
+            await self._tick()
+
+    async def _tick(self) -> None:
+        started = time.perf_counter()
+        with self.profiler.profile_operation("tick", "tick"):
+            # Positions, summaries and state changes are taken together, with no await between
+            # them: nothing can be ingested in between, so the state covers exactly `positions`.
+            positions = dict(self._consumed)
+            records = self.monitor.due(time.time())
+            changes = self.monitor.state_changes() if self.settings.changelog else None
+            with self.profiler.profile_operation("publish", "publish"):
+                await self.outbox.retry()
+                await self._publish_summaries(records)
+                if changes is not None:
+                    await self._write_state(positions, *changes)
+                acked = await self.outbox.settle()
+            if acked and positions:
+                await self._commit(positions)
+        self.counters.ticks += 1
+        self.last_tick_ms = (time.perf_counter() - started) * 1000.0
+
+    async def _write_state(
+        self,
+        positions: dict[kafka.TopicPartition, int],
+        changed: list[tuple[int, RowState]],
+        removed: list[tuple[int, str, str]],
+    ) -> None:
+        """Send the tick's changelog records, in the order the changelog gives (docs/state.md)."""
+        with self.profiler.profile_operation("snapshot", "state"):
+            placed = self.changelog.tick(
+                {tp.partition: offset for tp, offset in positions.items()},
+                changed,
+                removed,
+                generation=time.time_ns(),
+            )
+        topic = self.settings.state_topic
+        for partition, (key, value) in placed:
+            await self.outbox.send(topic, key, value, partition)
+
+    async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
+        owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
+        if not owned:
+            return
+        try:
+            await self._consumer.commit(
+                {tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()}
+            )
+            self.counters.commits += 1
+        except kafka.KafkaError as exc:
+            # A rebalance in progress: the new owner re-reads from the last commit (at-least-once).
+            log.warning("commit_failed", error=str(exc))
+
+    # -- rebalance -------------------------------------------------------------------------
+    async def revoke(self, revoked: set[kafka.TopicPartition]) -> None:
+        """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
+        async with self._lock:
+            await self._tick()
+            released = self.monitor.release_partitions(
+                (tp.partition for tp in revoked), time.time()
+            )
+            # Dirty data was published by the tick above: this is normally empty.
+            await self._publish_summaries(released)
+            await self.outbox.settle()
+            for tp in revoked:
+                self._consumed.pop(tp, None)
+                self._floors.pop(tp, None)
+            self.changelog.revoke(tp.partition for tp in revoked)
+            self.assigned -= revoked
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def assign(self, assigned: set[kafka.TopicPartition]) -> None:
+        """Restore the window state of ``assigned`` before any of their records is fetched."""
+        async with self._lock:
+            self.assigned |= assigned
+            self.changelog.assign(tp.partition for tp in assigned)
+            if self.settings.changelog and assigned:
+                try:
+                    await self._restore(assigned)
+                except Exception as exc:
+                    # Consuming without the state would count events twice or lose windows:
+                    # stop instead, loudly; the next start (or the next owner) restores again.
+                    log.error("state_restore_failed", error=repr(exc))
+                    self.fatal = exc
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:
+        """Read the changelog partitions up to a fence of our own, rebuild the rows, and seek the
+        input partitions to their last checkpoint (docs/state.md)."""
+        s = self.settings
+        started = time.perf_counter()
+        restore = Restore((tp.partition for tp in assigned), f"{self.instance}-{uuid.uuid4().hex}")
+        for p, (key, value) in restore.fences:
+            await self.outbox.send(s.state_topic, key, value, p)
+        if not await self.outbox.settle():
+            raise kafka.KafkaError("could not write the changelog fence records")
+        await kafka.read_partitions(
+            s.bootstrap_servers,
+            s.state_topic,
+            restore.partitions,
+            restore.feed,
+            lambda: restore.done,
+            security=s.security,
+            timeout=s.restore_timeout,
+        )
+        restored = restore.result()
+        for p, state in restored.rows:
+            self.monitor.restore(state, p)
+        self.changelog.restored(restored)
+        for p, offset in restored.offsets.items():
+            tp = kafka.TopicPartition(s.input_topic, p)
+            # The checkpoint is where the restored windows end: resume exactly there, whatever
+            # was committed (ahead of it if the daemon died between acknowledgement and commit);
+            # records before it that a fetch still returns are skipped in ``consume``.
+            self._consumer.seek(tp, offset)
+            self._consumed[tp] = offset
+            self._floors[tp] = offset
+        log.info(
+            "state_restored",
+            partitions=restore.partitions,
+            rows=len(restored.rows),
+            corrupt=restored.corrupt,
+            records=restored.records,
+            bytes=restored.bytes,
+            seconds=round(time.perf_counter() - started, 3),
+            resume_offsets=restored.offsets,
+        )
