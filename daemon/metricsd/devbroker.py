@@ -12,7 +12,8 @@ This module speaks only the few bytes of the Kafka protocol it needs itself; it 
 aiokafka or asyncio. Broker output goes to a log file or to ``/dev/null``, never to a pipe.
 
 Tansu facts worth knowing (0.6.0): memory storage starts in a few milliseconds and loses every
-topic on exit; high watermarks are under-reported (see shared/BASELINES.md); transactions do not
+topic on exit; high watermarks are under-reported (the base offset of the last batch + 1, so
+lag reads low by up to one batch per partition); transactions do not
 work. It serves no TLS (put a terminator in front and pass ``advertised``). With
 ``authentication`` it offers SCRAM only (no PLAIN), and memory storage keeps no SCRAM users, so
 every login fails (``e=unknown-user``): fine for testing refusals, not for a successful login.

@@ -45,7 +45,9 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         )
         # The stdlib loggers of libraries (aiokafka) render through the same JSON renderer, with
         # orjson's bytes decoded because logging handlers write text.
-        foreign = structlog.processors.JSONRenderer(serializer=_dumps_text)
+        foreign: structlog.types.Processor = structlog.processors.JSONRenderer(
+            serializer=_dumps_text
+        )
     else:
         structlog.configure(
             cache_logger_on_first_use=True,

@@ -108,10 +108,9 @@ class TrainingJob:
             yt, yp = np.round(y_true, 6).tolist(), np.round(y_pred, 6).tolist()
         else:
             k = 2 if self.task == "binary" else self.classes
-            y_true = rng.integers(0, k, n)
+            labels = rng.integers(0, k, n)
             wrong = rng.random(n) > accuracy
-            y_pred = np.where(wrong, rng.integers(0, k, n), y_true)
-            yt, yp = y_true.tolist(), y_pred.tolist()
+            yt, yp = labels.tolist(), np.where(wrong, rng.integers(0, k, n), labels).tolist()
         return {
             "type": "prediction",
             "run_id": self.run_id,
