@@ -70,6 +70,7 @@ class Pipeline:
         self.changelog = Changelog()
         self.assigned: set[kafka.TopicPartition] = set()
         self.last_tick_ms = 0.0
+        self.settled = True  # the last tick's records were all acknowledged and committed
         self.fatal: BaseException | None = None  # a failed restore: the loop stops on it
         self._warnings = RateLimiter(period=10.0)
         self._consumed: dict[kafka.TopicPartition, int] = {}
@@ -187,8 +188,8 @@ class Pipeline:
                 if changes is not None:
                     await self._write_state(positions, *changes)
                 acked = await self.outbox.settle()
-            if acked and positions:
-                await self._commit(positions)
+            committed = await self._commit(positions) if acked and positions else True
+            self.settled = acked and committed
         self.counters.ticks += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
 
@@ -210,18 +211,20 @@ class Pipeline:
         for partition, (key, value) in placed:
             await self.outbox.send(topic, key, value, partition)
 
-    async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> None:
+    async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> bool:
         owned = {tp: off for tp, off in positions.items() if tp in self.assigned}
         if not owned:
-            return
+            return True
         try:
             await self._consumer.commit(
                 {tp: kafka.OffsetAndMetadata(off, "") for tp, off in owned.items()}
             )
             self.counters.commits += 1
+            return True
         except kafka.KafkaError as exc:
             # A rebalance in progress: the new owner re-reads from the last commit (at-least-once).
             log.warning("commit_failed", error=str(exc))
+            return False
 
     # -- rebalance -------------------------------------------------------------------------
     async def revoke(self, revoked: set[kafka.TopicPartition]) -> None:

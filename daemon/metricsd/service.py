@@ -37,9 +37,14 @@ from metricsd.pipeline import Pipeline
 from metricsd.profiler import Profiler
 from metricsd.records import encode, profile_record
 
-__all__ = ["Service", "run"]
+__all__ = ["Service", "ShutdownIncomplete", "run"]
 
 log = structlog.get_logger(__name__)
+
+
+class ShutdownIncomplete(Exception):
+    """The final tick could not publish or commit everything: the next start re-reads from the
+    last commit (at-least-once), but the exit status must say so."""
 
 
 class Service:
@@ -55,6 +60,7 @@ class Service:
         self.counters = self.pipeline.counters
         self._producer: Any = None
         self._consumer: Any = None
+        self._flushed = True  # the final tick published and committed everything
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -133,6 +139,12 @@ class Service:
                 publish_dropped=self.pipeline.outbox.dropped,
                 before_checkpoint=c.before_checkpoint,
                 runs_tracked=self.monitor.runs_tracked,
+                flushed=self._flushed,
+            )
+        if not self._flushed:
+            raise ShutdownIncomplete(
+                "the final tick could not publish and commit everything; the next start "
+                "re-reads from the last commit"
             )
 
     async def _bounded(self, step: Coroutine[Any, Any, None], name: str) -> None:
@@ -183,10 +195,12 @@ class Service:
                 )
 
     async def _final_tick(self) -> None:
+        self._flushed = False
         try:
             await self.tick()
             await self._publish_profile(self.settings.profile_interval)
-            await self.pipeline.outbox.settle()
+            acked = await self.pipeline.outbox.settle()
+            self._flushed = acked and self.pipeline.settled
         except kafka.KafkaError as exc:
             log.error("final_flush_failed", error=str(exc))
 
