@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from metricsd.events import Decoder, InvalidEvent
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, encode, profile_record
+from metricsd.records import dead_letter, dead_letter_key, encode, profile_record
 from test_schemas import validator
 
 DECODER = Decoder()
@@ -83,8 +83,11 @@ def test_encode_rejects_what_it_cannot_represent() -> None:
     key=st.none() | st.binary(max_size=16),
     value=st.none() | st.binary(max_size=64),
     limit=st.none() | st.integers(0, 80),
+    key_limit=st.none() | st.integers(0, 20),
 )
-def test_dead_letter_record(key: bytes | None, value: bytes | None, limit: int | None) -> None:
+def test_dead_letter_record(
+    key: bytes | None, value: bytes | None, limit: int | None, key_limit: int | None
+) -> None:
     """dead_letter builds a schema-valid record whose base64 fields give back the (capped) bytes."""
     with pytest.raises(InvalidEvent) as info:
         DECODER.decode(key, b"[" if value is None else value + b"[")  # never valid JSON
@@ -99,19 +102,38 @@ def test_dead_letter_record(key: bytes | None, value: bytes | None, limit: int |
         value=value,
         emitted_at=5.0,
         max_value_bytes=limit,
+        max_key_bytes=key_limit,
     )
     DEAD_LETTER_SCHEMA.validate(orjson.loads(encode(record)))
     assert record["reason"] == exc.reason and record["detail"] == exc.detail
     if key is None:
-        assert record["key_b64"] is None
+        assert record["key_b64"] is None and record["key_truncated"] is False
     else:
-        assert base64.b64decode(record["key_b64"]) == key
+        kept_key = key if key_limit is None else key[:key_limit]
+        assert base64.b64decode(record["key_b64"]) == kept_key
+        assert record["key_truncated"] is (len(kept_key) < len(key))
     if value is None:
         assert record["value_b64"] is None and record["value_truncated"] is False
     else:
         kept = value if limit is None else value[:limit]
         assert base64.b64decode(record["value_b64"]) == kept
         assert record["value_truncated"] is (len(kept) < len(value))
+
+
+def test_a_dead_letter_of_any_record_fits_the_default_message_limit() -> None:
+    """Worst case: a key and a value of 10 MB each; with the default caps the dead letter and its
+    Kafka key stay below 1 MiB together (Kafka's default max.message.bytes)."""
+    key, value = b"k" * 10_000_000, b"\xff" * 10_000_000
+    with pytest.raises(InvalidEvent) as info:
+        DECODER.decode(key, value)
+    record = dead_letter(info.value, topic="t" * 249, partition=2**31 - 1, offset=2**63 - 1,
+                         timestamp_ms=2**63 - 1, key=key, value=value,
+                         emitted_at=1.8e9)  # fmt: skip
+    kafka_key = dead_letter_key(key)
+    assert kafka_key is not None and len(kafka_key) == 1024
+    assert len(encode(record)) + len(kafka_key) < 1_048_576 - 1_000  # room for record framing
+    assert record["key_truncated"] and record["value_truncated"]
+    DEAD_LETTER_SCHEMA.validate(orjson.loads(encode(record)))
 
 
 def test_profile_record_fits_the_schema() -> None:

@@ -485,6 +485,7 @@ DEAD = load("dead_letter")["examples"][0]
         pytest.param({**DEAD, "reason": "weird"}, False, id="unknown-reason"),
         pytest.param({**DEAD, "offset": -1}, False, id="negative-offset"),
         pytest.param(_without(DEAD, "value_truncated"), False, id="no-value_truncated"),
+        pytest.param(_without(DEAD, "key_truncated"), False, id="no-key_truncated"),
         pytest.param({**DEAD, "extra": 1}, False, id="extra-property"),
     ],
 )

@@ -29,15 +29,11 @@ from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, encode
+from metricsd.records import dead_letter, dead_letter_key, encode
 
 __all__ = ["Counters", "Pipeline"]
 
 log = structlog.get_logger(__name__)
-
-# Base64 grows a value by 4/3: beyond this the dead letter would not fit Kafka's default 1 MB
-# message limit, so only this prefix is kept (flagged ``value_truncated``).
-_DEAD_LETTER_VALUE_BYTES = 700_000
 
 
 @dataclass
@@ -146,9 +142,10 @@ class Pipeline:
             key=record.key,
             value=record.value,
             emitted_at=now,
-            max_value_bytes=_DEAD_LETTER_VALUE_BYTES,
         )
-        await self.outbox.send(self.settings.dead_letter_topic, record.key, encode(body))
+        await self.outbox.send(
+            self.settings.dead_letter_topic, dead_letter_key(record.key), encode(body)
+        )
         self.counters.dead_letters += 1
         suppressed = self._warnings.allow(exc.reason)
         if suppressed is not None:
@@ -267,8 +264,16 @@ class Pipeline:
         restore = Restore((tp.partition for tp in assigned), f"{self.instance}-{uuid.uuid4().hex}")
         for p, (key, value) in restore.fences:
             await self.outbox.send(s.state_topic, key, value, p)
-        if not await self.outbox.settle():
-            raise kafka.KafkaError("could not write the changelog fence records")
+        # A changelog topic created a moment ago may not be known to every broker yet: the fence
+        # is retried (a retriable error) until it lands or the restore time is up.
+        deadline = time.monotonic() + s.restore_timeout
+        delay = 0.1
+        while not await self.outbox.settle():
+            if time.monotonic() + delay > deadline:
+                raise kafka.KafkaError("could not write the changelog fence records")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            await self.outbox.retry()
         await kafka.read_partitions(
             s.bootstrap_servers,
             s.state_topic,

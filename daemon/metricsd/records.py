@@ -19,10 +19,25 @@ import orjson
 
 from metricsd.events import InvalidEvent
 
-__all__ = ["SCHEMA_VERSION", "dead_letter", "encode", "profile_record"]
+__all__ = [
+    "DEAD_LETTER_KEY_BYTES",
+    "DEAD_LETTER_VALUE_BYTES",
+    "SCHEMA_VERSION",
+    "dead_letter",
+    "dead_letter_key",
+    "encode",
+    "profile_record",
+]
 
 #: ``schema_version`` of every record this module builds.
 SCHEMA_VERSION: Final = 1
+
+# A dead letter must fit Kafka's default 1 MiB message limit whatever it holds. Base64 grows the
+# copies by 4/3: 700,000 value bytes (933,336 in base64) + 16,384 key bytes (21,848) + a Kafka key
+# of at most 1,024 bytes + the rest of the record (under 1 kB) stays below 1,048,576 bytes.
+DEAD_LETTER_VALUE_BYTES: Final = 700_000
+DEAD_LETTER_KEY_BYTES: Final = 16_384
+_DEAD_LETTER_KAFKA_KEY_BYTES: Final = 1_024
 
 _ENCODE_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 
@@ -55,18 +70,18 @@ def dead_letter(
     key: bytes | None,
     value: bytes | None,
     emitted_at: float,
-    max_value_bytes: int | None = None,
+    max_value_bytes: int | None = DEAD_LETTER_VALUE_BYTES,
+    max_key_bytes: int | None = DEAD_LETTER_KEY_BYTES,
 ) -> dict[str, Any]:
     """The ``dead_letter`` record (schemas/dead_letter.schema.json) for a rejected input record.
 
-    ``max_value_bytes`` (None = no limit) keeps only a prefix of the value, flagged by
-    ``value_truncated``, so that the record fits the dead-letter topic: base64 grows the value by
-    a third, and an input near the broker's message size limit would not fit otherwise.
+    ``max_value_bytes`` and ``max_key_bytes`` (None = no limit) keep only a prefix of the value
+    and of the key, flagged by ``value_truncated`` / ``key_truncated``, so that the record fits
+    the dead-letter topic: base64 grows them by a third, and an input near the broker's message
+    size limit would not fit otherwise.
     """
-    truncated = max_value_bytes is not None and value is not None and len(value) > max_value_bytes
-    if truncated:
-        assert value is not None and max_value_bytes is not None
-        value = value[:max_value_bytes]
+    value, value_truncated = _prefix(value, max_value_bytes)
+    key, key_truncated = _prefix(key, max_key_bytes)
     return {
         "type": "dead_letter",
         "schema_version": SCHEMA_VERSION,
@@ -78,9 +93,22 @@ def dead_letter(
         "timestamp_ms": timestamp_ms,
         "key_b64": None if key is None else base64.b64encode(key).decode("ascii"),
         "value_b64": None if value is None else base64.b64encode(value).decode("ascii"),
-        "value_truncated": truncated,
+        "value_truncated": value_truncated,
+        "key_truncated": key_truncated,
         "emitted_at": emitted_at,
     }
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The Kafka key of a dead letter: the original key, or its first 1,024 bytes when longer
+    (the whole key, up to ``DEAD_LETTER_KEY_BYTES``, is in the record's ``key_b64``)."""
+    return None if key is None else key[:_DEAD_LETTER_KAFKA_KEY_BYTES]
+
+
+def _prefix(data: bytes | None, limit: int | None) -> tuple[bytes | None, bool]:
+    if data is None or limit is None or len(data) <= limit:
+        return data, False
+    return data[:limit], True
 
 
 def profile_record(body: Mapping[str, Any], *, instance: str, emitted_at: float) -> dict[str, Any]:
