@@ -112,6 +112,8 @@ def setting(
     """A settings field with its default and its :class:`Option`; ``parse`` defaults to the type
     of the default (bool, int, float or str) and must be given for a ``None`` default."""
     if parse is None:
+        if type(default) not in _PARSERS:
+            raise TypeError(f"setting({default!r}, ...) needs parse=: no parser for its type")
         parse = _PARSERS[type(default)]
     option = Option(help, parse, flag=flag, choices=choices, combine=combine, dev=dev)
     return field(default=default, metadata={"option": option})
