@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
 from metricsd import logs
 from metricsd.config import (
@@ -102,19 +103,21 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        namespace, extras = super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(args, namespace)
+        assert parsed is not None  # argparse makes one when none is given
         for setting, default in self._settings:
-            given = getattr(namespace, setting.dest, argparse.SUPPRESS)
-            raw = os.environ.get(setting.env) if given is argparse.SUPPRESS else None
+            combine = setting.option.combine
+            given: Any = getattr(parsed, setting.dest, argparse.SUPPRESS)
+            raw = os.environ.get(setting.env)
             if given is not argparse.SUPPRESS:  # a list of values when repeatable
-                value = setting.option.combine(given) if setting.option.combine else given
+                value = combine(given) if combine else given
             elif raw is not None:
-                value = self._from_env(setting, raw)
-                value = setting.option.combine([value]) if setting.option.combine else value
+                from_env = self._from_env(setting, raw)
+                value = combine([from_env]) if combine else from_env
             else:
                 value = default
-            setattr(namespace, setting.dest, value)
-        return namespace, extras
+            setattr(parsed, setting.dest, value)
+        return parsed, extras
 
     def _from_env(self, setting: Flag, raw: str) -> Any:
         """The parsed value of ``setting``'s environment variable; a bad one exits 2."""
@@ -209,25 +212,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         log = _from_args(LogSettings, args, {})
+        start: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
         if args.command == "run":
             settings = settings_from(args)
-            logs.configure(log.log_level, log.log_format)  # type: ignore[arg-type]
             from metricsd import service
 
-            _run_until_signal(lambda stop: service.run(settings, stop))
+            start = partial(service.run, settings)
         elif args.command == "simulate":
             sim = simulate_settings_from(args)
-            logs.configure(log.log_level, log.log_format)  # type: ignore[arg-type]
             from metricsd import simulate
 
-            _run_until_signal(lambda stop: simulate.produce(sim, stop))
+            start = partial(simulate.produce, sim)
         else:
-            settings = settings_from(args)  # validated before starting anything
-            sim = simulate_settings_from(args)
-            logs.configure(log.log_level, log.log_format)  # type: ignore[arg-type]
+            settings, sim = settings_from(args), simulate_settings_from(args)
             from metricsd import dev
 
-            _run_until_signal(lambda stop: dev.run(settings, sim, stop))
+            start = partial(dev.run, settings, sim)
+        logs.configure(log.log_level, cast("logs.LogFormat", log.log_format))
+        _run_until_signal(start)
     except ConfigError as exc:
         parser.exit(2, f"metricsd: error: {exc}\n")
     except ValueError as exc:  # e.g. an unknown log level

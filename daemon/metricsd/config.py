@@ -171,11 +171,12 @@ def _fields(cls: type) -> Iterator[Field[Any]]:
 
 def nested(cls: type) -> dict[str, type]:
     """The fields of ``cls`` that are settings classes themselves (``monitor``, ``security``)."""
-    return {
-        f.name: f.default_factory
-        for f in _fields(cls)
-        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory)
-    }
+    found: dict[str, type] = {}
+    for f in _fields(cls):
+        factory = f.default_factory
+        if isinstance(factory, type) and is_dataclass(factory):
+            found[f.name] = factory
+    return found
 
 
 def flags(cls: type, *, recurse: bool = True) -> list[Flag]:
