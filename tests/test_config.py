@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
-from metricsd.cli import build_parser, env_name, settings_from
-from metricsd.config import ConfigError, MonitorSettings, Settings, SimulateSettings
+from metricsd.cli import build_parser, settings_from
+from metricsd.config import (
+    ConfigError,
+    MonitorSettings,
+    Secret,
+    Security,
+    Settings,
+    SimulateSettings,
+    env_name,
+    flags,
+    parse_bool,
+    parse_seconds,
+    setting,
+)
 
 
 @pytest.mark.parametrize(
@@ -126,3 +141,93 @@ def test_memory_bound_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METRICSD_IDLE_TIMEOUT", "0")
     settings = settings_from(build_parser().parse_args(["run", "--max-runs", "123"]))
     assert settings.monitor.max_runs == 123 and settings.monitor.idle_timeout == 0.0
+
+
+# -- the settings definitions --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        *[("true", True), ("YES", True), (" on ", True), ("1", True)],
+        *[("false", False), ("No", False), ("off", False), ("0", False)],
+    ],
+)
+def test_parse_bool_accepts_the_usual_words(text: str, value: bool) -> None:
+    """true/yes/on/1 and false/no/off/0, in any case and with surrounding blanks."""
+    assert parse_bool(text) is value
+
+
+def test_parse_bool_and_seconds_refuse_other_text() -> None:
+    """Anything else is a ConfigError quoting the text."""
+    with pytest.raises(ConfigError, match="not a boolean: 'maybe'"):
+        parse_bool("maybe")
+    with pytest.raises(ConfigError, match="not a number of seconds: '1,x'"):
+        parse_seconds("1,x")
+
+
+def test_parse_seconds_splits_on_commas() -> None:
+    """Comma-separated seconds, empty parts ignored; the empty text is no windows."""
+    assert parse_seconds("60, 300,") == (60.0, 300.0)
+    assert parse_seconds("") == ()
+
+
+def test_flags_derive_from_field_names_unless_overridden() -> None:
+    """A field's flag is its name with dashes, its variable METRICSD_ + the flag in upper case;
+    time_windows keeps its historical singular --time-window."""
+    by_name = {item.name: item for item in flags(Settings)}
+    assert (by_name["group_id"].flag, by_name["group_id"].env) == (
+        "--group-id",
+        "METRICSD_GROUP_ID",
+    )
+    windows = by_name["time_windows"]
+    assert (windows.flag, windows.env, windows.dest) == (
+        "--time-window",
+        "METRICSD_TIME_WINDOW",
+        "time_window",
+    )
+    assert by_name["window"].owner is MonitorSettings and by_name["ssl_cafile"].owner is Security
+
+
+def test_defaults_show_as_text_that_parses_back() -> None:
+    """The text --help shows for a default parses back to that default."""
+    for item in flags(Settings) + flags(SimulateSettings):
+        shown = item.show(item.default)
+        if item.default is None or item.default == "":
+            assert shown == ""
+            continue
+        assert item.option.parse(shown) == item.default, item.flag
+
+
+def test_dev_defaults_differ_only_where_declared() -> None:
+    """dev's own defaults: 4 partitions, ticks every 2 s, 3 runs at 100 steps/s; others as run's."""
+    changed = {
+        item.name: item.default_for("dev")
+        for item in flags(Settings) + flags(SimulateSettings)
+        if item.default_for("dev") != item.default
+    }
+    assert changed == {"partitions": 4, "interval": 2.0, "runs": 3, "rate": 100.0}
+
+
+def test_setting_without_a_parser_for_its_default_is_refused() -> None:
+    """A None default gives no type to parse with: the definition must name its parser."""
+    with pytest.raises(TypeError, match="needs parse="):
+        setting(None, "a path")
+
+
+def test_password_file_is_read_at_construction(tmp_path: Path) -> None:
+    """Security(sasl_password_file=...) holds the file's password (no trailing newline); a copy
+    keeps it; a password given as well, or an unreadable file, is a ConfigError."""
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\r\n")
+    sasl = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u"}
+    security = Security(**sasl, sasl_password_file=str(secret))
+    assert security.sasl_password == Secret("hunter2")
+    assert dataclasses.replace(security, sasl_username="v").sasl_password == Secret("hunter2")
+    with pytest.raises(ConfigError, match="not both"):
+        Security(**sasl, sasl_password="x", sasl_password_file=str(secret))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Security(**sasl, sasl_password_file=str(tmp_path / "none"))
+    secret.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        Security(**sasl, sasl_password_file=str(secret))

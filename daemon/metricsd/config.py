@@ -1,8 +1,12 @@
-"""Configuration: frozen objects validated once, at start-up.
+"""Configuration: frozen objects validated once, at start-up; the one definition of each setting.
 
-Bad values fail here with a message naming the setting, never in the middle of the loop. The CLI
-(``metricsd.cli``) maps flags and ``METRICSD_*`` environment variables onto these objects; nothing
-else reads the environment.
+Every setting is a field of a frozen settings class, defined once with :func:`setting`: its default,
+its help text and how text becomes its value. The command line (``metricsd.cli``) generates its
+flags from these fields: ``--<field-name>`` (dashes for underscores, unless the field names its
+flag), each also given by the environment variable ``METRICSD_<FLAG>``; a flag beats the variable,
+the variable beats the default. Nothing else reads the environment.
+
+Bad values fail here with a message naming the setting, never in the middle of the loop.
 """
 
 from __future__ import annotations
@@ -10,17 +14,31 @@ from __future__ import annotations
 import hmac
 import os
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import Field, InitVar, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "ENV_PREFIX",
     "ConfigError",
+    "Flag",
+    "LogSettings",
     "MonitorSettings",
+    "Option",
     "Secret",
     "Security",
     "Settings",
     "SimulateSettings",
+    "env_name",
+    "flags",
+    "nested",
+    "parse_bool",
+    "parse_seconds",
+    "setting",
 ]
+
+ENV_PREFIX = "METRICSD_"
 
 
 class ConfigError(ValueError):
@@ -32,17 +50,205 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# -- how a setting is given as text ---------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r}")
+
+
+def parse_seconds(text: str) -> tuple[float, ...]:
+    """Comma-separated seconds (empty parts ignored): ``"60,300"`` -> ``(60.0, 300.0)``."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"not a number of seconds: {text!r}") from None
+
+
+def _time_windows(given: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The windows of every ``--time-window`` together; ``0`` alone means none."""
+    flat = tuple(t for group in given for t in group)
+    return () if flat == (0.0,) else flat
+
+
+_AS_RUN: Any = object()  # Option.dev when dev has the default of run/simulate
+_PARSERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How one setting is given on the command line and in the environment (a field's metadata).
+
+    ``parse`` turns the text of a flag or variable into the value, raising ``ValueError`` when it
+    cannot (a :class:`ConfigError`'s message is shown as it is); ``flag`` overrides the flag
+    derived from the field name; ``choices`` are the allowed parsed values; ``combine`` makes the
+    flag repeatable, turning the list of parsed values into the setting (the environment variable
+    gives one such value); ``dev`` is the default of ``metricsd dev`` when it differs."""
+
+    help: str
+    parse: Callable[[str], Any]
+    flag: str = ""
+    choices: tuple[str, ...] | None = None
+    combine: Callable[[list[Any]], Any] | None = None
+    dev: Any = _AS_RUN
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    flag: str = "",
+    choices: tuple[str, ...] | None = None,
+    combine: Callable[[list[Any]], Any] | None = None,
+    dev: Any = _AS_RUN,
+) -> Any:
+    """A settings field with its default and its :class:`Option`; ``parse`` defaults to the type
+    of the default (bool, int, float or str) and must be given for a ``None`` default."""
+    if parse is None:
+        if type(default) not in _PARSERS:
+            raise TypeError(f"setting({default!r}, ...) needs parse=: no parser for its type")
+        parse = _PARSERS[type(default)]
+    option = Option(help, parse, flag=flag, choices=choices, combine=combine, dev=dev)
+    return field(default=default, metadata={"option": option})
+
+
+def env_name(flag: str) -> str:
+    """``--bootstrap-servers`` -> ``METRICSD_BOOTSTRAP_SERVERS``."""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One setting as the command line sees it: a field of ``owner`` with its option."""
+
+    owner: type
+    name: str
+    default: Any
+    option: Option
+
+    @property
+    def flag(self) -> str:
+        return self.option.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return env_name(self.flag)
+
+    @property
+    def dest(self) -> str:
+        """The attribute of the parsed command line."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def default_for(self, command: str) -> Any:
+        """The default under subcommand ``command`` (``dev`` has a few of its own)."""
+        dev = self.option.dev
+        return dev if command == "dev" and dev is not _AS_RUN else self.default
+
+    def show(self, value: Any) -> str:
+        """``value`` as the text that parses back to it (``""`` for none)."""
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple):
+            return ",".join(f"{v:g}" for v in value)
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+
+def _fields(cls: type) -> Iterator[Field[Any]]:
+    """The fields of settings class ``cls`` in order, init-only ones (``InitVar``) included."""
+    yield from getattr(cls, "__dataclass_fields__", {}).values()
+
+
+def nested(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` that are settings classes themselves (``monitor``, ``security``)."""
+    found: dict[str, type] = {}
+    for f in _fields(cls):
+        factory = f.default_factory
+        if isinstance(factory, type) and is_dataclass(factory):
+            found[f.name] = factory
+    return found
+
+
+def flags(cls: type, *, recurse: bool = True) -> list[Flag]:
+    """Every setting of ``cls`` that has an option, those of nested settings classes in place
+    (unless ``recurse`` is false). Fields without one (``Settings.instance``) are not settings of
+    the command line."""
+    found: list[Flag] = []
+    inner = nested(cls)
+    for f in _fields(cls):
+        if f.name in inner:
+            found += flags(inner[f.name]) if recurse else []
+        elif "option" in f.metadata:
+            found.append(Flag(cls, f.name, f.default, f.metadata["option"]))
+    return found
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+# Settings shared by the daemon and the simulator, one definition each.
+
+
+def _bootstrap_servers() -> Any:
+    return setting("localhost:9092", "Kafka bootstrap servers, host:port[,host:port]")
+
+
+def _input_topic() -> Any:
+    return setting("training.events", "topic of training events")
+
+
+def _partitions() -> Any:
+    return setting(8, "partitions of topics created by metricsd", dev=4)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How every subcommand logs (``metricsd.logs.configure`` checks the level)."""
+
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", dev="WARNING")
+    log_format: str = setting(
+        "auto",
+        "auto: console on a TTY, JSON lines otherwise",
+        choices=("auto", "json", "console"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
     """What the pure core needs: window shapes and metric options."""
 
-    window: int = 1000
-    time_windows: tuple[float, ...] = (60.0, 300.0)
-    threshold: float = 0.1
-    max_array: int = 10_000
-    max_classes: int = 1000
-    max_runs: int = 10_000  # runs tracked at once; a new run beyond it evicts the least recent
-    idle_timeout: float = 3600.0  # seconds without events before a run is evicted; 0 = never
+    window: int = setting(1000, "count window: the newest N values per stream")
+    time_windows: tuple[float, ...] = setting(
+        (60.0, 300.0),
+        "time window over event time in seconds; repeatable; 0 disables time windows",
+        parse=parse_seconds,
+        flag="--time-window",
+        combine=_time_windows,
+    )
+    threshold: float = setting(
+        0.1, "regression: |y_true - y_pred| <= threshold counts as within threshold"
+    )
+    max_array: int = setting(10_000, "longest array accepted in one event (longer: dead-lettered)")
+    max_classes: int = setting(1000, "multiclass labels must be below this (else dead-lettered)")
+    max_runs: int = setting(
+        10_000,
+        "runs tracked at once; a new run beyond this evicts the least recently active one "
+        "(after its final summaries)",
+    )
+    idle_timeout: float = setting(
+        3600.0,
+        "seconds without events after which a run is evicted (after its final summaries); "
+        "0 = never",
+    )
 
     def __post_init__(self) -> None:
         _check(1 <= self.window <= 1_000_000, f"window must be in 1..1000000, got {self.window}")
@@ -118,6 +324,17 @@ def _loadable(flag: str, path: str, load: Callable[[], object]) -> None:
         raise ConfigError(f"{flag} {path!r} could not be loaded: {reason}") from None
 
 
+def _read_password(path: str) -> Secret:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"sasl-password-file {path!r} cannot be read: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"sasl-password-file {path!r} is not UTF-8 text") from None
+    return Secret(text.removesuffix("\n").removesuffix("\r"))
+
+
 @dataclass(frozen=True, slots=True)
 class Security:
     """How every Kafka client of the daemon connects: TLS and SASL, the same for all of them.
@@ -128,22 +345,49 @@ class Security:
     also sit in the certfile; encrypted keys are not supported), ``ssl_check_hostname``.
     ``sasl_*`` apply to SASL_* only, and are then required: ``sasl_mechanism`` (``PLAIN``,
     ``SCRAM-SHA-256``, ``SCRAM-SHA-512``), ``sasl_username``, ``sasl_password`` (a :class:`Secret`;
-    a ``str`` is wrapped). Files are checked here (they exist, are readable, and load as PEM), so a
-    bad path fails at start-up; no message ever contains the password.
+    a ``str`` is wrapped) or ``sasl_password_file`` (read here, into ``sasl_password``). Files are
+    checked here (they exist, are readable, and load as PEM), so a bad path fails at start-up; no
+    message ever contains the password.
     """
 
-    security_protocol: str = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
+    security_protocol: str = setting(
+        "PLAINTEXT", "how to talk to the brokers", parse=str.upper, choices=SECURITY_PROTOCOLS
+    )
+    ssl_cafile: str | None = setting(
+        None,
+        "PEM file of the CA(s) that signed the brokers' certificates (default: system CAs)",
+        parse=str,
+    )
+    ssl_certfile: str | None = setting(None, "PEM client certificate (mutual TLS)", parse=str)
+    ssl_keyfile: str | None = setting(None, "unencrypted PEM key of the certfile", parse=str)
+    ssl_check_hostname: bool = setting(
+        True, "check that the broker's certificate names the host connected to (true/false)"
+    )
+    sasl_mechanism: str | None = setting(
+        None, "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with SASL_*)", parse=str.upper
+    )
+    sasl_username: str | None = setting(None, "SASL username", parse=str)
+    sasl_password: Secret | None = setting(  # noqa: RUF009 (setting() is dataclasses.field())
+        None,
+        "SASL password; prefer the environment variable or --sasl-password-file, since other "
+        "local users can read a command line",
+        parse=Secret,
+    )
+    # Read into sasl_password at construction (not kept: a copy of the object has the password).
+    sasl_password_file: InitVar[str | None] = setting(  # noqa: RUF009 (as above)
+        None, "file holding the SASL password (a trailing newline is ignored)", parse=str
+    )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, sasl_password_file: str | None) -> None:
         if isinstance(self.sasl_password, str):
             object.__setattr__(self, "sasl_password", Secret(self.sasl_password))
+        if sasl_password_file:
+            _check(
+                self.sasl_password is None,
+                "give the SASL password once: --sasl-password (METRICSD_SASL_PASSWORD) or "
+                "--sasl-password-file, not both",
+            )
+            object.__setattr__(self, "sasl_password", _read_password(sasl_password_file))
         if self.sasl_username == "":
             object.__setattr__(self, "sasl_username", None)
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism"):
@@ -240,23 +484,35 @@ class Security:
 class Settings:
     """Everything ``metricsd run`` needs."""
 
-    bootstrap_servers: str = "localhost:9092"
-    input_topic: str = "training.events"
-    output_topic: str = "training.summaries"
-    dead_letter_topic: str = ""  # "" means "<input_topic>.dlq"
-    group_id: str = "metricsd"
-    interval: float = 5.0
-    profile_interval: float = 60.0
-    stats_interval: float = 30.0
-    partitions: int = 8
-    max_records: int = 50_000
-    shutdown_timeout: float = 15.0
-    changelog: bool = True  # window state backed by a compacted changelog topic
-    state_topic: str = ""  # "" means "<group_id>.state"
-    restore_timeout: float = 120.0
+    bootstrap_servers: str = _bootstrap_servers()
+    input_topic: str = _input_topic()
+    output_topic: str = setting("training.summaries", "topic of summary and profile records")
+    dead_letter_topic: str = setting(
+        "", "topic of rejected input (default: <input-topic>.dlq)"
+    )  # "" means "<input_topic>.dlq"
+    group_id: str = setting("metricsd", "consumer group")
+    interval: float = setting(5.0, "seconds between ticks", dev=2.0)
+    profile_interval: float = setting(60.0, "seconds between profile records and log lines")
+    stats_interval: float = setting(30.0, "seconds between stats log lines")
+    partitions: int = _partitions()
+    max_records: int = 50_000  # records fetched at once; no flag
+    shutdown_timeout: float = setting(
+        15.0, "seconds each shutdown step (final flush, client stops) may take before giving up"
+    )
+    changelog: bool = setting(
+        True,
+        "keep window state in a compacted changelog topic so that restarts and rebalances "
+        "resume the windows (true/false)",
+    )
+    state_topic: str = setting(
+        "", "changelog topic of window state (default: <group-id>.state)"
+    )  # "" means "<group_id>.state"
+    restore_timeout: float = setting(
+        120.0, "seconds restoring state on a partition assignment may take"
+    )
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     security: Security = field(default_factory=Security)  # TLS/SASL of every Kafka client
-    instance: str = ""
+    instance: str = ""  # "" means "<host>-<pid>"; no flag
 
     def __post_init__(self) -> None:
         _check(bool(self.bootstrap_servers.strip()), "bootstrap-servers must not be empty")
@@ -294,13 +550,18 @@ class Settings:
 class SimulateSettings:
     """What ``metricsd simulate`` needs: a synthetic training job."""
 
-    bootstrap_servers: str = "localhost:9092"
-    input_topic: str = "training.events"
-    runs: int = 4
-    rate: float = 200.0  # events per second, all runs together
-    duration: float = 0.0  # 0 = until stopped
-    seed: int = 0
-    partitions: int = 8
+    bootstrap_servers: str = _bootstrap_servers()
+    input_topic: str = _input_topic()
+    runs: int = setting(4, "concurrent simulated training runs", dev=3)
+    rate: float = setting(
+        200.0,
+        "training steps per second, all runs together (each step emits a batch_time event, "
+        "every 10th a prediction batch, and now and then cv/attention/features)",
+        dev=100.0,
+    )
+    duration: float = setting(0.0, "seconds to run; 0 = until stopped")
+    seed: int = setting(0, "random seed")
+    partitions: int = _partitions()
     security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
