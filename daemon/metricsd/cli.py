@@ -192,12 +192,14 @@ def simulate_settings_from(args: argparse.Namespace, **overrides: Any) -> Simula
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> None:
-    """``asyncio.run`` with SIGTERM/SIGINT setting the stop event (they do nothing else)."""
+    """``asyncio.run`` with SIGTERM/SIGINT/SIGHUP setting the stop event (they do nothing else):
+    a hang-up (the terminal closed, or a supervisor's reload signal) shuts down cleanly, with the
+    final tick and commit, like SIGTERM; there is no reload."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
@@ -209,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from metricsd.kafka import KafkaAuthError  # imports aiokafka: not needed for --help
+    from metricsd.service import ServiceFailed
 
     try:
         log = _from_args(LogSettings, args, {})
@@ -235,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # e.g. an unknown log level
         parser.exit(2, f"metricsd: error: {exc}\n")
     except KafkaAuthError as exc:  # logged once as kafka_auth_failed where it was detected
+        parser.exit(1, f"metricsd: error: {exc}\n")
+    except ServiceFailed as exc:  # logged where it happened; the exit status says so
         parser.exit(1, f"metricsd: error: {exc}\n")
     return 0
 

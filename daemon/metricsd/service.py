@@ -37,12 +37,21 @@ from metricsd.pipeline import Pipeline
 from metricsd.profiler import Profiler
 from metricsd.records import encode, profile_record
 
-__all__ = ["Service", "ShutdownIncomplete", "run"]
+__all__ = ["Service", "ServiceFailed", "ShutdownIncomplete", "StateUnavailable", "run"]
 
 log = structlog.get_logger(__name__)
 
 
-class ShutdownIncomplete(Exception):
+class ServiceFailed(Exception):
+    """The daemon stopped for a reason the operator must see in the exit status (1)."""
+
+
+class StateUnavailable(ServiceFailed):
+    """The window state of an assigned partition could not be restored: consuming without it
+    would count events twice or lose windows."""
+
+
+class ShutdownIncomplete(ServiceFailed):
     """The final tick could not publish or commit everything: the next start re-reads from the
     last commit (at-least-once), but the exit status must say so."""
 
@@ -148,7 +157,9 @@ class Service:
             )
 
     async def _bounded(self, step: Coroutine[Any, Any, None], name: str) -> None:
-        """A shutdown step that may not hang the exit when the broker is gone."""
+        """A shutdown step that may neither hang the exit when the broker is gone nor stop the
+        steps after it when it fails (aiokafka's consumer ``stop`` can raise CancelledError of
+        its own fetch task when the broker is unreachable)."""
         try:
             await asyncio.wait_for(step, self.settings.shutdown_timeout)
         except TimeoutError:
@@ -158,6 +169,13 @@ class Service:
                 timeout=self.settings.shutdown_timeout,
                 unacked=self.pipeline.outbox.pending,
             )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            log.error("shutdown_step_failed", step=name, error="cancelled inside the client")
+        except (kafka.KafkaError, OSError) as exc:
+            log.error("shutdown_step_failed", step=name, error=repr(exc))
 
     async def _loop(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -169,9 +187,9 @@ class Service:
         stats_mark = (start, 0)
         while not stop.is_set():
             if self.pipeline.fatal is not None:
-                raise RuntimeError("cannot continue without the window state") from (
-                    self.pipeline.fatal
-                )
+                raise StateUnavailable(
+                    f"cannot continue without the window state: {self.pipeline.fatal!r}"
+                ) from self.pipeline.fatal
             wait = max(0.0, min(next_tick - clock(), 0.5))
             batch = await self._consumer.getmany(
                 timeout_ms=int(wait * 1000), max_records=s.max_records
