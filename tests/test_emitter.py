@@ -30,9 +30,7 @@ from metricsd.events import Decoder
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 VALIDATORS = {
-    name: jsonschema.Draft202012Validator(
-        json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-    )
+    name: jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
     for name in ("batch_time", "prediction", "run_end", "cv_fold", "attention", "features")
 }
 # The wire format of the new type:
@@ -178,7 +176,8 @@ def test_encoder_coalesces_per_stream_in_order_and_keeps_single_items_scalar() -
         items.append(("batch_time", "batch_time", 0.1 * i, i, 100.0 + i))
         items.append(("scalar", "loss", float(i), i, 100.0 + i))
     items.append(("scalar", "lr", 0.5, None, 200.0))
-    items.append(("prediction", None, ("binary", None, np.array([0, 1]), np.array([1, 1])), None, 9))
+    pairs = ("binary", None, np.array([0, 1]), np.array([1, 1]))
+    items.append(("prediction", None, pairs, None, 9.0))
     docs = [orjson.loads(v) for _, v, _ in enc.encode(items)]
     assert [d["type"] for d in docs] == ["batch_time", "scalar", "scalar", "prediction"]
     assert docs[0]["seconds"] == [0.1 * i for i in range(5)] and docs[0]["step"] == 4
