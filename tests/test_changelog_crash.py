@@ -205,3 +205,19 @@ def test_revoke_forgets_and_restored_adopts_the_bookkeeping() -> None:
     placed = fresh.tick({0: 3}, [], [(0, "r", "s")], 2)
     assert [orjson.loads(k)[0] for _, (k, _) in placed] == ["row", "row", "checkpoint"]
     assert all(v is None for _, (_, v) in placed[:2])
+
+
+def test_a_checkpoint_that_vanished_is_reported_as_lost() -> None:
+    """Once this instance wrote a checkpoint for a partition, a restore that finds none there
+    (the changelog was deleted, or the broker came back empty) names it with the last offset;
+    a partition never checkpointed, or checkpointed at 0, is not reported."""
+    changelog = Changelog()
+    changelog.assign([0, 1, 2])
+    changelog.tick({0: 7, 1: 0}, [], [], 1)
+    changelog.revoke([0, 1, 2])
+    empty = Restored(rows=[], offsets={}, chunk_counts={0: {}, 1: {}, 2: {}}, corrupt=0,
+                     records=3, bytes=0)  # fmt: skip
+    assert changelog.lost(empty) == {0: 7}
+    intact = Restored(rows=[], offsets={0: 7}, chunk_counts={0: {}}, corrupt=0, records=2,
+                      bytes=0)  # fmt: skip
+    assert changelog.lost(intact) == {}

@@ -260,6 +260,9 @@ class Changelog:
     def __init__(self) -> None:
         self._chunks: dict[int, dict[RowKey, int]] = {}
         self._checkpointed: dict[int, int] = {}
+        # The last checkpoint this instance wrote or restored per partition, kept across revokes:
+        # a later restore that finds none means the changelog was lost.
+        self._known: dict[int, int] = {}
         self.snapshots = 0  # row snapshots written, for the stats
 
     @property
@@ -281,6 +284,16 @@ class Changelog:
         for p, counts in restored.chunk_counts.items():
             self._chunks.setdefault(p, {}).update(counts)
         self._checkpointed.update(restored.offsets)
+        self._known.update(restored.offsets)
+
+    def lost(self, restored: Restored) -> dict[int, int]:
+        """Partitions of ``restored`` with no checkpoint although this instance knew one (its
+        offset, > 0): the changelog lost them (deleted, or a broker that came back empty)."""
+        return {
+            p: offset
+            for p, offset in self._known.items()
+            if p in restored.chunk_counts and p not in restored.offsets and offset > 0
+        }
 
     def tick(
         self,
@@ -321,5 +334,5 @@ class Changelog:
         for p, offset in positions.items():
             if p in self._chunks and (p in touched or self._checkpointed.get(p) != offset):
                 out.append((p, checkpoint_record(p, offset)))
-                self._checkpointed[p] = offset
+                self._checkpointed[p] = self._known[p] = offset
         return out

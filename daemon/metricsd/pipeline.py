@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from metricsd import kafka
-from metricsd.changelog import Changelog, Restore, RowState
+from metricsd.changelog import Changelog, Restore, Restored, RowState
 from metricsd.config import Settings
 from metricsd.events import Decoder, Event, InvalidEvent
 from metricsd.logs import RateLimiter
@@ -74,11 +74,14 @@ class Pipeline:
         self._floors: dict[kafka.TopicPartition, int] = {}
         self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
         self._outbox: Outbox | None = None
+        self._producer: Any = None
         self._consumer: Any = None
+        self._next_topic_check = 0.0
 
     def use_producer(self, producer: Any) -> None:
         """The started producer: every record goes out through one outbox."""
         self._outbox = Outbox(producer)
+        self._producer = producer
 
     def use_consumer(self, consumer: Any) -> None:
         """The group consumer: commits and the seeks of a restore."""
@@ -99,6 +102,74 @@ class Pipeline:
         """One record outside a tick (the profile), acknowledged with the next tick's."""
         async with self._lock:
             await self.outbox.send(topic, key, value)
+
+    # -- topics ----------------------------------------------------------------------------
+    async def ensure_changelog_topic(self, timeout: float | None = 60.0) -> list[str]:
+        """Create the changelog topic if missing. It mirrors the input's partitioning: a run's
+        state sits in the changelog partition numbered like the input partition its events
+        arrive on."""
+        s = self.settings
+        partitions = len(await self._producer.partitions_for(s.input_topic))
+        return await kafka.ensure_topics(
+            s.bootstrap_servers,
+            {s.state_topic: partitions},
+            security=s.security,
+            configs={s.state_topic: {"cleanup.policy": "compact"}},
+            timeout=timeout,
+        )
+
+    async def _recover_topics(self) -> None:
+        """Re-create the topics the broker lost: a broker that came back empty (Tansu's memory
+        storage, a wiped cluster) has none of them, and every send would fail until they exist.
+        At most every 10 s, bounded to 10 s; runs on assignment and after a failed tick."""
+        now = time.monotonic()
+        if now < self._next_topic_check:
+            return
+        self._next_topic_check = now + 10.0
+        s = self.settings
+        try:
+            created = await kafka.ensure_topics(
+                s.bootstrap_servers, s.topics(), security=s.security, timeout=10.0
+            )
+            if s.changelog:
+                created += await self.ensure_changelog_topic(timeout=10.0)
+        except (kafka.KafkaError, OSError) as exc:
+            log.warning("topic_check_failed", error=repr(exc))
+            return
+        if created:
+            log.error(
+                "broker_lost_topics",
+                topics=created,
+                detail="the broker no longer had these topics (restarted empty?) and they were "
+                "created again; the windows of the partitions involved start empty",
+            )
+
+    async def _handle_lost_state(self, restored: Restored) -> None:
+        """A changelog partition that lost its checkpoint starts empty. If the input partition
+        is also shorter than what this instance had already consumed from it, the broker lost
+        the input too (it came back empty): the committed offsets, if any survived, point past
+        the new end, so the partition is read again from its beginning."""
+        lost = self.changelog.lost(restored)
+        if not lost:
+            return
+        s = self.settings
+        tps = {p: kafka.TopicPartition(s.input_topic, p) for p in lost}
+        ends = await self._consumer.end_offsets(list(tps.values()))
+        truncated = [p for p, tp in tps.items() if ends.get(tp, 0) < lost[p]]
+        if truncated:
+            await self._consumer.seek_to_beginning(*(tps[p] for p in truncated))
+        log.error(
+            "state_lost",
+            partitions=sorted(lost),
+            input_truncated=sorted(truncated),
+            detail="the changelog has no checkpoint where this instance had written one; the "
+            "windows of these partitions start empty"
+            + (
+                "; the input partitions marked truncated are read from the beginning"
+                if truncated
+                else ""
+            ),
+        )
 
     # -- consume ---------------------------------------------------------------------------
     async def consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
@@ -185,6 +256,8 @@ class Pipeline:
                 if changes is not None:
                     await self._write_state(positions, *changes)
                 acked = await self.outbox.settle()
+            if not acked:
+                await self._recover_topics()
             committed = await self._commit(positions) if acked and positions else True
             self.settled = acked and committed
         self.counters.ticks += 1
@@ -261,6 +334,8 @@ class Pipeline:
         input partitions to their last checkpoint (docs/state.md)."""
         s = self.settings
         started = time.perf_counter()
+        self._next_topic_check = 0.0  # an assignment is worth a fresh look
+        await self._recover_topics()
         restore = Restore((tp.partition for tp in assigned), f"{self.instance}-{uuid.uuid4().hex}")
         for p, (key, value) in restore.fences:
             await self.outbox.send(s.state_topic, key, value, p)
@@ -284,6 +359,7 @@ class Pipeline:
             timeout=s.restore_timeout,
         )
         restored = restore.result()
+        await self._handle_lost_state(restored)
         for p, state in restored.rows:
             self.monitor.restore(state, p)
         self.changelog.restored(restored)

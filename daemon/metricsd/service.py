@@ -96,15 +96,7 @@ class Service:
         _tune_gc()
         try:
             if s.changelog:
-                # The changelog mirrors the input's partitioning: a run's state sits in the
-                # changelog partition numbered like the input partition its events arrive on.
-                partitions = len(await self._producer.partitions_for(s.input_topic))
-                await kafka.ensure_topics(
-                    s.bootstrap_servers,
-                    {s.state_topic: partitions},
-                    security=s.security,
-                    configs={s.state_topic: {"cleanup.policy": "compact"}},
-                )
+                await self.pipeline.ensure_changelog_topic()
             self._consumer = kafka.consumer(
                 s.bootstrap_servers,
                 s.group_id,
@@ -128,7 +120,7 @@ class Service:
                     window=s.monitor.window,
                     time_windows=list(s.monitor.time_windows),
                 )
-                await self._loop(stop)
+                await self._until_stopped(self._loop(stop), stop)
             finally:
                 await self._bounded(self._final_tick(), "final_flush")
                 await self._bounded(self._consumer.stop(), "consumer_stop")
@@ -155,6 +147,29 @@ class Service:
                 "the final tick could not publish and commit everything; the next start "
                 "re-reads from the last commit"
             )
+
+    async def _until_stopped(self, loop: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+        """Run the main loop; once ``stop`` is set it gets ``shutdown_timeout`` seconds to return
+        by itself, then it is cancelled (e.g. stuck behind a rebalance against a broker that is
+        gone), so a signal is always honoured."""
+        task = asyncio.ensure_future(loop)
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=self.settings.shutdown_timeout)
+            if not task.done():
+                log.error("loop_stuck_at_stop", timeout=self.settings.shutdown_timeout)
+                self._flushed = False
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            else:
+                task.result()  # re-raise what ended the loop
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
 
     async def _bounded(self, step: Coroutine[Any, Any, None], name: str) -> None:
         """A shutdown step that may neither hang the exit when the broker is gone nor stop the
@@ -275,6 +290,7 @@ class Service:
             consumer_lag=lag,
             last_tick_ms=round(self.pipeline.last_tick_ms, 3),
             summaries=c.summaries,
+            commits=c.commits,
             publish_failures=self.pipeline.outbox.failures,
             publish_dropped=self.pipeline.outbox.dropped,
         )
