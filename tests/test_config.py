@@ -55,6 +55,23 @@ def test_settings_reject_bad_values(kwargs: dict[str, object], message: str) -> 
         Settings(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e-320, 0.0, -1.0, 1e9])
+@pytest.mark.parametrize(
+    "field",
+    ["interval", "profile_interval", "stats_interval", "shutdown_timeout", "restore_timeout"],
+)
+def test_durations_must_be_finite_and_sane(field: str, value: float) -> None:
+    """An interval of inf would never tick or commit, 1e-320 overflows the scheduler: refused."""
+    with pytest.raises(ConfigError, match=field.replace("_", "-")):
+        Settings(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e-9, 1e12])
+def test_time_windows_must_be_finite_and_sane(value: float) -> None:
+    with pytest.raises(ConfigError, match="time windows"):
+        MonitorSettings(time_windows=(value,))
+
+
 def test_dead_letter_topic_defaults_to_input_dot_dlq() -> None:
     """Without an explicit dead-letter topic it is the input topic plus '.dlq'."""
     assert Settings(input_topic="in").dead_letter_topic == "in.dlq"

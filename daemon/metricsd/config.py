@@ -12,6 +12,7 @@ Bad values fail here with a message naming the setting, never in the middle of t
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import ssl
 from collections.abc import Callable, Iterator
@@ -48,6 +49,18 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+_DAY = 86_400.0
+
+
+def _seconds(name: str, value: float, low: float, high: float) -> None:
+    """A duration in [low, high] seconds: NaN, infinity, 1e-320 or a year are refused (an interval
+    of inf would never tick or commit; one of 1e-320 overflows the scheduler)."""
+    _check(
+        math.isfinite(value) and low <= value <= high,
+        f"{name} must be between {low:g} and {high:g} seconds, got {value}",
+    )
 
 
 # -- how a setting is given as text ---------------------------------------------------------------
@@ -252,10 +265,8 @@ class MonitorSettings:
 
     def __post_init__(self) -> None:
         _check(1 <= self.window <= 1_000_000, f"window must be in 1..1000000, got {self.window}")
-        _check(
-            all(t > 0 for t in self.time_windows),
-            f"time windows must be > 0 seconds, got {self.time_windows}",
-        )
+        for t in self.time_windows:
+            _seconds("time windows", t, 0.001, 30 * _DAY)
         _check(
             len(set(self.time_windows)) == len(self.time_windows),
             f"time windows must be distinct, got {self.time_windows}",
@@ -524,16 +535,12 @@ class Settings:
             object.__setattr__(self, "state_topic", f"{self.group_id}.state")
         topics = {self.input_topic, self.output_topic, self.dead_letter_topic, self.state_topic}
         _check(len(topics) == 4, "input, output, dead-letter and state topics must all differ")
-        _check(self.restore_timeout > 0, f"restore-timeout must be > 0, got {self.restore_timeout}")
-        _check(self.interval > 0, f"interval must be > 0, got {self.interval}")
-        _check(
-            self.profile_interval > 0, f"profile-interval must be > 0, got {self.profile_interval}"
-        )
-        _check(self.stats_interval > 0, f"stats-interval must be > 0, got {self.stats_interval}")
+        _seconds("restore-timeout", self.restore_timeout, 0.1, _DAY)
+        _seconds("interval", self.interval, 0.01, _DAY)
+        _seconds("profile-interval", self.profile_interval, 0.01, 7 * _DAY)
+        _seconds("stats-interval", self.stats_interval, 0.01, 7 * _DAY)
         _check(self.partitions >= 1, f"partitions must be >= 1, got {self.partitions}")
-        _check(
-            self.shutdown_timeout > 0, f"shutdown-timeout must be > 0, got {self.shutdown_timeout}"
-        )
+        _seconds("shutdown-timeout", self.shutdown_timeout, 0.1, 3600.0)
         _check(self.max_records >= 1, f"max-records must be >= 1, got {self.max_records}")
 
     def topics(self) -> dict[str, int]:
