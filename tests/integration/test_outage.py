@@ -121,7 +121,7 @@ def test_broker_down_at_start_up_is_waited_for(tmp_path: Path) -> None:
         assert orjson.loads(out[0][1])["metrics"]["mean"] == pytest.approx(3.0)
         assert waiting.terminate() == 0
         never.wait_for_log(lambda line: line.get("event") == "broker_unreachable")
-        assert never.terminate(timeout=10) == 0
+        assert never.terminate(timeout=30) == 0
     finally:
         waiting.kill()
         never.kill()
