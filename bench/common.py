@@ -156,6 +156,9 @@ class Target:
     bound: float
     stretch: float | None = None
     unit: str = ""
+    #: A correctness check (results agree with the oracle), not a performance bound: missing it
+    #: fails the run whatever ``--strict`` says (exit 2).
+    correctness: bool = False
 
     @property
     def value(self) -> float | None:
@@ -178,6 +181,7 @@ class Target:
             "passed": self.holds(),
             "stretch_passed": None if self.stretch is None else self.holds(self.stretch),
             "unit": self.unit,
+            "correctness": self.correctness,
         }
 
 

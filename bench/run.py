@@ -77,7 +77,15 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
     for f in figures:
         if f.bench == "tick" and f.name.startswith("max relative error"):
             result.append(
-                Target(f"tick: exact to 1e-9 ({f.name.split(', ')[-1]})", f, "<=", 1e-9, None, "")
+                Target(
+                    f"tick: exact to 1e-9 ({f.name.split(', ')[-1]})",
+                    f,
+                    "<=",
+                    1e-9,
+                    None,
+                    "",
+                    correctness=True,
+                )
             )
     bound = 1e3 * sizes.latency_interval + 100.0
     result += [
@@ -237,5 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "latest.md").write_text(table)
     print(table)
     log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
+    wrong = [t for t in found if t.correctness and t.holds() is False]
+    for t in wrong:
+        log(f"EXACTNESS VIOLATED: {t.name}: measured {t.value!r}, required {t.op} {t.bound!r}")
+    if wrong:
+        return 2
     missed = [t for t in found if t.holds() is False]
     return 1 if args.strict and missed else 0

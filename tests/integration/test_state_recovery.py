@@ -65,6 +65,11 @@ def stream_in_background(broker: DevBroker, topic: str, values: dict[str, list[f
     return thread
 
 
+def published(line: dict[str, Any]) -> bool:
+    """A stats line after this process published summaries (its tick wrote changelog state)."""
+    return line.get("event") == "stats" and line.get("summaries", 0) > 0
+
+
 def summaries(records: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     out = [orjson.loads(v) for _, v, _, _ in records]
     return [r for r in out if r.get("type") == "summary"]
@@ -106,6 +111,11 @@ def test_kill_9_three_times_while_events_flow(broker: DevBroker, topic_name: str
     try:
         for kill in range(1, 4):
             time.sleep(rnd.uniform(1.5, 4.0))
+            if kill == 1:
+                # A random moment, but not before the first instance published (and so wrote
+                # state), or no restart might have anything to restore on a loaded machine.
+                # (Later instances may have nothing left to consume, hence nothing to publish.)
+                current.wait_for_log(published, timeout=60)
             current.kill()
             current = daemon(broker, topic, tmp_path / f"d{kill}.log").start()
             line = current.wait_for_log(lambda ln: ln.get("event") == "state_restored", timeout=60)
@@ -134,6 +144,7 @@ def test_three_instances_one_killed_mid_stream(broker: DevBroker, topic_name: st
             inst.wait_for_log(lambda line: line.get("event") == "partitions_assigned", timeout=60)
         producer = stream_in_background(broker, topic, values, seconds=8)
         time.sleep(3.0)
+        instances[0].wait_for_log(published, timeout=60)  # it has state worth moving
         instances[0].kill()
         producer.join(60)
         out = read_topic_foreign(broker.bootstrap, f"{topic}.out", range(PARTITIONS),

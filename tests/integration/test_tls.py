@@ -1,8 +1,9 @@
-"""TLS end to end: the daemon behind stunnel (mutual TLS) in front of the real broker.
+"""TLS end to end: the daemon behind a TLS terminator (mutual TLS) in front of the real broker.
 
-Tansu serves no TLS itself, so stunnel (Debian package ``stunnel4``) terminates it and the broker
-advertises stunnel's address: every client the daemon creates (admin, producer, group consumer,
-changelog reader) must speak TLS with the client certificate, or it gets nowhere. The events are
+Tansu serves no TLS itself, so ``TlsTerminator`` (Python's ``ssl``, tls_terminator.py) terminates
+it and the broker advertises the terminator's address: every client the daemon creates (admin,
+producer, group consumer, changelog reader) must speak TLS with the client certificate, or it
+gets nowhere. The events are
 produced and the summaries read back by librdkafka over TLS (an independent TLS client). A wrong CA
 or a missing client certificate must stop the daemon within seconds with one clear error line.
 """
@@ -19,7 +20,7 @@ import pytest
 from daemon_process import DaemonProcess, LogLine
 from kafka_tools import produce_foreign, read_topic_foreign
 from metricsd.devbroker import DevBroker, free_port
-from security_tools import Pki, Stunnel, expect_auth_failure, make_pki
+from security_tools import Pki, TlsTerminator, expect_auth_failure, make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -27,16 +28,16 @@ PARTITIONS = 2
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, Stunnel]]:
-    """A throwaway PKI and a broker reachable only through stunnel with mutual TLS."""
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, TlsTerminator]]:
+    """A throwaway PKI and a broker reachable only through the TLS terminator with mutual TLS."""
     directory = tmp_path_factory.mktemp("tls")
     pki = make_pki(directory / "pki")
     port = free_port()
     with (
-        Stunnel(f"127.0.0.1:{port}", pki, directory, client_ca=pki.ca) as stunnel,
-        DevBroker(port, log_path=directory / "tansu.log", advertised=stunnel.address),
+        TlsTerminator(f"127.0.0.1:{port}", pki, directory, client_ca=pki.ca) as terminator,
+        DevBroker(port, log_path=directory / "tansu.log", advertised=terminator.address),
     ):
-        yield pki, stunnel
+        yield pki, terminator
 
 
 def librdkafka_tls(pki: Pki) -> dict[str, object]:
@@ -53,12 +54,12 @@ def errors(lines: list[LogLine]) -> list[LogLine]:
 
 
 def test_daemon_summarises_events_produced_and_read_over_mutual_tls(
-    tls: tuple[Pki, Stunnel], topic_name: str, tmp_path: Path
+    tls: tuple[Pki, TlsTerminator], topic_name: str, tmp_path: Path
 ) -> None:
     """Events produced over TLS come back as summaries over TLS, with the oracle's mean."""
-    pki, stunnel = tls
+    pki, terminator = tls
     args = [
-        "--bootstrap-servers", stunnel.address,
+        "--bootstrap-servers", terminator.address,
         "--security-protocol", "SSL",
         "--ssl-cafile", str(pki.ca),
         "--ssl-certfile", str(pki.client_cert),
@@ -88,9 +89,9 @@ def test_daemon_summarises_events_produced_and_read_over_mutual_tls(
 
     with DaemonProcess(args, tmp_path / "daemon.log") as daemon:
         daemon.wait_for_log(lambda line: line.get("event") == "started", timeout=30)
-        produce_foreign(stunnel.address, topic_name, records, config=librdkafka_tls(pki))
+        produce_foreign(terminator.address, topic_name, records, config=librdkafka_tls(pki))
         out = read_topic_foreign(
-            stunnel.address,
+            terminator.address,
             f"{topic_name}.out",
             range(PARTITIONS),
             until=lambda got: all(latest(got).get(run, {}).get("total") == 40 for run in seconds),
@@ -114,7 +115,7 @@ def test_daemon_summarises_events_produced_and_read_over_mutual_tls(
     ],
 )
 def test_refused_tls_handshake_stops_the_daemon_fast_with_one_error(
-    tls: tuple[Pki, Stunnel],
+    tls: tuple[Pki, TlsTerminator],
     tmp_path: Path,
     case: str,
     cafile: str,
@@ -123,15 +124,15 @@ def test_refused_tls_handshake_stops_the_daemon_fast_with_one_error(
 ) -> None:
     """A wrong CA (refused by the client) or no client certificate (refused by the server) ends
     the daemon within seconds, exit 1, with exactly one error line naming the server."""
-    pki, stunnel = tls
+    pki, terminator = tls
     args = [
-        "--bootstrap-servers", stunnel.address,
+        "--bootstrap-servers", terminator.address,
         "--security-protocol", "SSL",
         "--ssl-cafile", str(getattr(pki, cafile)),
     ]  # fmt: skip
     if with_client_cert:
         args += ["--ssl-certfile", str(pki.client_cert), "--ssl-keyfile", str(pki.client_key)]
     error = expect_auth_failure(
-        args, tmp_path / f"{case}.log", kind="tls", server=stunnel.address, expected=expected
+        args, tmp_path / f"{case}.log", kind="tls", server=terminator.address, expected=expected
     )
-    assert error["error"].startswith(f"TLS handshake with {stunnel.address} failed")
+    assert error["error"].startswith(f"TLS handshake with {terminator.address} failed")
