@@ -105,7 +105,8 @@ class Figure:
 
     label: str
     value: float | None
-    unit: str = ""  # "s" (seconds, shown in ms when small), "/s", "" (plain), "%" (a fraction)
+    # "s" (seconds, shown in ms when small), "/s", "%" (a fraction), "n" (a count), "" (plain)
+    unit: str = ""
 
     def text(self) -> str:
         """The value formatted for a table cell; ``-`` when undefined."""
@@ -116,6 +117,8 @@ class Figure:
             return f"{v * 1000:.1f} ms" if abs(v) < 1 else f"{v:.2f} s"
         if self.unit == "%":
             return f"{v * 100:.1f}%"
+        if self.unit == "n":
+            return f"{v:.0f}"
         if self.unit == "/s":
             return f"{v:.1f}/s"
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
@@ -179,6 +182,7 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure(
                 "classes",
                 float(len(labels)) if isinstance(labels := m.get("labels"), list) else None,
+                "n",
             ),
         ]
     if kind == "regression":
@@ -193,7 +197,7 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure("val loss", _get(m, "mean_val_loss")),
             Figure("train loss", _get(m, "mean_train_loss")),
             Figure("val/train", _get(m, "overfitting_ratio")),
-            Figure("folds", _get(m, "folds")),
+            Figure("folds", _get(m, "folds"), "n"),
         ]
     if kind == "attention":
         return [
