@@ -1,4 +1,8 @@
-"""Command line: ``metricsd run | simulate | dev``.
+"""Command line: ``metricsd run | simulate | dev | tail | report``.
+
+``tail`` and ``report`` (the summary topic on a terminal, a run's report with plots) have their
+own parsers in ``metricsd.tail`` and ``metricsd.report``; ``main`` hands them the rest of the
+command line.
 
 The flags are generated from the settings classes of ``metricsd.config``, where each setting is
 defined once: ``--<setting>``, also given as the environment variable ``METRICSD_<SETTING>`` (upper
@@ -51,6 +55,13 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], frozenset[str]]] = {
         (Settings, SimulateSettings, LogSettings),
         frozenset({"bootstrap_servers", "security"}),
     ),
+}
+
+
+# Subcommands with a parser of their own (they read the summary topic; no daemon settings).
+VIEWS: dict[str, str] = {
+    "tail": "the summary topic as a live table (or de-duplicated JSON lines)",
+    "report": "a run's report: PNG figures and one HTML page",
 }
 
 
@@ -144,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (used by ``main`` and by the docker-compose test)."""
     parser = _Parser(prog="metricsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for command, summary in VIEWS.items():  # listed in --help; parsed by their own modules
+        sub.add_parser(command, help=summary, add_help=False)
     for command, (summary, classes, without) in COMMANDS.items():
         command_parser = sub.add_parser(command, help=summary)
         added: dict[str, Flag] = {}
@@ -208,6 +221,12 @@ def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metricsd`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in VIEWS:
+        from importlib import import_module
+
+        view: Callable[[list[str]], int] = import_module(f"metricsd.{argv[0]}").main
+        return view(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from metricsd.kafka import KafkaAuthError  # imports aiokafka: not needed for --help
