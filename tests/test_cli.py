@@ -331,3 +331,18 @@ def test_dev_dispatches_to_the_dev_module(monkeypatch: pytest.MonkeyPatch) -> No
     assert seen["settings"].interval == 1.0 and seen["settings"].partitions == 4
     assert seen["sim"].duration == 60.0 and seen["sim"].runs == 3
     assert seen["log"] == ("WARNING", "auto")
+
+
+@pytest.mark.parametrize("view", ["tail", "report"])
+def test_view_subcommands_reach_their_own_parsers(
+    view: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``metricsd tail|report`` hand the rest of the line to their module: its flags, its help."""
+    from metricsd import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([view, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"metricsd {view}" in out and "--topic" in out
+    assert view in cli.build_parser().format_help()
