@@ -34,6 +34,7 @@ from metricsd.events import (
     InvalidEvent,
     Prediction,
     RunEnd,
+    Scalar,
 )
 from test_schemas import INVALID_EVENTS, VALID_EVENTS, validator
 
@@ -156,6 +157,7 @@ BOUNDARY_STRINGS = (
     "cv_fold",
     "attention",
     "features",
+    "scalar",
     "summary",
 )
 boundary_strings = st.sampled_from(BOUNDARY_STRINGS)
@@ -185,7 +187,7 @@ replacements = st.one_of(
     finite,
     json_values,
 )
-STRING_FIELDS = {"type", "run_id", "task", "split"}
+STRING_FIELDS = {"type", "run_id", "task", "split", "name"}
 
 
 def _replacement(field: str) -> st.SearchStrategy[Any]:
@@ -215,10 +217,21 @@ KNOWN_FIELDS = (
     "val_loss",
     "weights",
     "values",
+    "name",
+    "value",
+    "rank",
 )
 
 
-EVENT_TYPES = ("batch_time", "prediction", "run_end", "cv_fold", "attention", "features")
+EVENT_TYPES = (
+    "batch_time",
+    "prediction",
+    "run_end",
+    "cv_fold",
+    "attention",
+    "features",
+    "scalar",
+)
 
 
 @st.composite
@@ -249,6 +262,14 @@ def valid_docs(draw: st.DrawFn, kinds: tuple[str, ...] = EVENT_TYPES) -> dict[st
             fold=draw(st.integers(0, 2**63 - 1) | st.sampled_from([0.0, 3.0])),
             train_loss=draw(finite | st.integers(-(2**63), 2**64 - 1)),
             val_loss=draw(finite),
+        )
+    elif kind == "scalar":
+        item = finite | st.integers(-(2**63), 2**64 - 1) | st.none()
+        fields.update(
+            step=draw(_opt(st.integers(0, 2**63 - 1))),
+            rank=draw(_opt(st.integers(0, 1_000_000) | st.sampled_from([0.0, 7.0]))),
+            name=draw(st.text(min_size=1, max_size=12)),
+            value=draw(item | st.lists(item, min_size=1, max_size=6)),
         )
     elif kind in ("attention", "features"):
         number = nonneg if kind == "attention" else finite
@@ -376,6 +397,14 @@ def test_valid_documents_decode_to_their_values(doc: dict[str, Any]) -> None:
         assert event.train_loss == float(doc["train_loss"])
         assert event.val_loss == float(doc["val_loss"])
         assert type(event.train_loss) is float and type(event.val_loss) is float
+    elif isinstance(event, Scalar):
+        assert event.name == doc["name"] and event.step == doc.get("step")
+        want = doc["value"] if type(doc["value"]) is list else [doc["value"]]
+        got = event.value.tolist() if isinstance(event.value, np.ndarray) else [event.value]
+        assert isinstance(event.value, np.ndarray) == (type(doc["value"]) is list)
+        assert [None if math.isnan(x) else x for x in got] == [
+            None if x is None else float(x) for x in want
+        ]
     elif isinstance(event, (Attention, Features)):
         matrix = event.weights if isinstance(event, Attention) else event.values
         want = doc["weights"] if isinstance(event, Attention) else doc["values"]
@@ -418,6 +447,16 @@ SWEEP_BASES = [
     {"type": "attention", "run_id": "r1", "weights": [0.25, 0.75]},
     {"type": "features", "run_id": "r1", "values": [[-1, 2.5], [0, 3]]},
     {"type": "features", "run_id": "r1", "values": [1, -2]},
+    {
+        "type": "scalar",
+        "run_id": "r1",
+        "ts": 1.5,
+        "step": 3,
+        "rank": 2,
+        "name": "loss",
+        "value": 0.5,
+    },
+    {"type": "scalar", "run_id": "r1", "name": "eval/loss", "value": [0.5, None, -2]},
 ]
 
 

@@ -17,7 +17,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-EVENT_TYPES = ("batch_time", "prediction", "run_end", "cv_fold", "attention", "features")
+EVENT_TYPES = ("batch_time", "prediction", "run_end", "cv_fold", "attention", "features", "scalar")
 RECORD_TYPES = ("summary", "profile", "dead_letter")
 ALL_NAMES = (*EVENT_TYPES, "event", *RECORD_TYPES)
 

@@ -22,9 +22,11 @@ Contract, per call:
   ``policy="block"`` waits for room instead, never longer than until ``close``).
 - Bad input raises at the call site, never later: ``TypeError`` for what is not a number or an
   array of numbers (strings, booleans, None, object arrays), ``ValueError`` for a wrong value (NaN
-  or infinity, a negative duration, a wrong shape, an empty or >10000-item array, a label out of
-  range, unequal ``y_true``/``y_pred`` lengths). Nothing invalid is ever queued, so the background
-  thread never meets bad input, and the daemon never dead-letters what this client sends.
+  or infinity anywhere but in a scalar, a negative duration, a wrong shape, an empty or
+  >10000-item array, a label out of range, unequal ``y_true``/``y_pred`` lengths). Nothing invalid is ever queued, so the background
+  thread never meets bad input, and the daemon never dead-letters what this client sends. A NaN
+  or infinite *scalar* (a diverged loss) is not bad input but a training fault to surface: it is
+  sent as null and counted as ``non_finite`` in the daemon's window of that scalar.
 - Arrays: Python lists, NumPy arrays and anything with ``__array__`` (a torch CPU tensor is read
   through it). Exactly one copy is made at the call (the caller may reuse its buffer after the call
   returns): a CUDA tensor is copied to the host once (``.detach().cpu()``) and that copy is kept.
@@ -230,14 +232,19 @@ def _floats(
 
 
 def _own_floats(
-    a: NDArray[Any], owned: bool, what: str, nonnegative: bool, ndims: tuple[int, ...]
+    a: NDArray[Any],
+    owned: bool,
+    what: str,
+    nonnegative: bool,
+    ndims: tuple[int, ...],
+    finite: bool = True,
 ) -> NDArray[Any]:
     if a.dtype.kind not in "iuf":
         raise TypeError(f"{what} must hold numbers (not booleans or strings), got dtype {a.dtype}")
     _check_shape(a, what, ndims)
     dtype = a.dtype if a.dtype in _KEPT_DTYPES else np.dtype(np.float64)
     a = np.ascontiguousarray(a, dtype=dtype) if owned else np.array(a, dtype=dtype, order="C")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
+    if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ValueError(f"{what} must be finite (no NaN or infinity)")
     if nonnegative and a.dtype.kind != "u" and (a < 0).any():
         raise ValueError(f"{what} must be >= 0, got min {a.min()}")
@@ -261,8 +268,12 @@ def _labels(x: Any, what: str, limit: int) -> NDArray[np.int64]:
     return labels
 
 
-def _value(x: Any, what: str, nonnegative: bool = False) -> float | NDArray[Any]:
-    """A finite number (``>= 0`` if asked) as a float, or an owned 1-D array of them."""
+def _value(
+    x: Any, what: str, nonnegative: bool = False, finite: bool = True
+) -> float | NDArray[Any]:
+    """A finite number (``>= 0`` if asked) as a float, or an owned 1-D array of them. With
+    ``finite=False`` (scalars) NaN and infinity pass: they are sent as null, and the daemon
+    counts them as ``non_finite`` in the window (a NaN loss is a training fault to surface)."""
     t = type(x)
     if t is float or t is int:
         try:
@@ -272,11 +283,11 @@ def _value(x: Any, what: str, nonnegative: bool = False) -> float | NDArray[Any]
     else:
         a, owned = _host_array(x, what)
         if a.ndim:
-            return _own_floats(a, owned, what, nonnegative, (1,))
+            return _own_floats(a, owned, what, nonnegative, (1,), finite)
         if a.dtype.kind not in "iuf":
             raise TypeError(f"{what} must be a number, got {type(x).__name__} ({a.dtype})")
         v = float(a)
-    if not -_INF < v < _INF:
+    if finite and not -_INF < v < _INF:
         raise ValueError(f"{what} must be finite, got {v}")
     if nonnegative and v < 0.0:
         raise ValueError(f"{what} must be >= 0, got {v}")
@@ -647,8 +658,8 @@ class _Base:
     def _scalar_item(name: str, value: Any, step: int | None, ts: float) -> Item:
         if type(name) is not str or not 0 < len(name) <= _MAX_NAME:
             name = _name(name)
-        if type(value) is not float or not -_INF < value < _INF:
-            value = _value(value, f"scalar {name!r}")
+        if type(value) is not float:
+            value = _value(value, f"scalar {name!r}", finite=False)
         if step is not None and (type(step) is not int or not 0 <= step <= _I64_MAX):
             step = _index(step, "step")
         return ("scalar", name, value, step, ts)

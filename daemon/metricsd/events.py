@@ -87,6 +87,7 @@ __all__ = [
     "InvalidEvent",
     "Prediction",
     "RunEnd",
+    "Scalar",
 ]
 
 REASONS: Final = (
@@ -107,6 +108,10 @@ DEFAULT_SPLIT: Final = "val"
 _MAX_RUN_ID: Final = 256
 _I64_MAX: Final = 2**63 - 1
 _NUMBER_TYPES: Final = frozenset((int, float))
+_NULLABLE_NUMBER_TYPES: Final = frozenset((int, float, type(None)))
+_MAX_NAME: Final = 256
+_MISSING: Final = object()
+_MAX_RANK: Final = 1_000_000
 _INT_TYPES: Final = frozenset((int,))
 # ECMA-262 semantics of the schema's "^[A-Za-z0-9_.-]{1,64}$": "$" is the very end (no newline).
 _SPLIT_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -188,7 +193,19 @@ class Features:
     values: NDArray[np.float64]
 
 
-Event: TypeAlias = BatchTime | Prediction | RunEnd | CvFold | Attention | Features
+@dataclass(slots=True, frozen=True, eq=False)
+class Scalar:
+    """One named training scalar: ``value`` is a float or a 1-D float64 array; NaN stands for a
+    value the producer sent as null (not a finite number: a NaN or infinite loss)."""
+
+    run_id: str
+    ts: float | None
+    step: int | None
+    name: str
+    value: float | NDArray[np.float64]
+
+
+Event: TypeAlias = BatchTime | Prediction | RunEnd | CvFold | Attention | Features | Scalar
 
 # The hot path builds BatchTime through its slot descriptors (see the module docstring).
 _new = object.__new__
@@ -224,6 +241,7 @@ class Decoder:
             "cv_fold": self._cv_fold,
             "attention": self._attention,
             "features": self._features,
+            "scalar": self._scalar,
         }
 
     def decode(self, key: bytes | None, value: bytes | None) -> Event:
@@ -334,7 +352,49 @@ class Decoder:
         ts = _ts(doc.get("ts"))
         return Features(run_id, ts, self._matrix(doc.get("values"), "values", nonnegative=False))
 
+    def _scalar(self, doc: _Doc) -> Scalar:
+        run_id = _run_id(doc.get("run_id"))
+        ts = _ts(doc.get("ts"))
+        step = doc.get("step")
+        if step is not None:
+            step = _index("step", step)
+        rank = doc.get("rank")
+        if rank is not None and not (
+            type(rank) in _NUMBER_TYPES and float(rank).is_integer() and 0 <= rank <= _MAX_RANK
+        ):
+            raise _schema("rank", f"an integer in [0, {_MAX_RANK}] (or null)", rank)
+        name = doc.get("name")
+        if type(name) is not str or not 0 < len(name) <= _MAX_NAME:
+            raise _schema("name", "a string of 1 to 256 characters", name)
+        value = doc.get("value", _MISSING)
+        if value is None:
+            value = math.nan
+        elif value is _MISSING:
+            raise _schema("value", "present (a number, null or an array of them)", None)
+        elif type(value) is float:
+            pass
+        elif type(value) is int:
+            value = float(value)
+        elif type(value) is list:
+            value = self._nullable_floats(value, "value")
+        else:
+            raise _schema("value", "a number, null or a non-empty array of numbers or nulls", value)
+        return Scalar(run_id, ts, step, name, value)
+
     # ------------------------------------------------------------------ arrays
+    def _nullable_floats(self, value: list[Any], field: str) -> NDArray[np.float64]:
+        """A non-empty JSON array of numbers and nulls -> 1-D float64, null as NaN."""
+        if not value:
+            raise _schema(field, "a non-empty array of numbers or nulls", value)
+        if len(value) > self.max_array:
+            raise _oversized(field, len(value), self.max_array)
+        types = set(map(type, value))
+        if types <= _NUMBER_TYPES:
+            return np.array(value, dtype=np.float64)
+        if not types <= _NULLABLE_NUMBER_TYPES:
+            raise _bad_item(field, value, "numbers or nulls", _is_not_nullable_number)
+        return np.array([math.nan if x is None else x for x in value], dtype=np.float64)
+
     def _floats(self, value: Any, field: str, *, nonnegative: bool = False) -> NDArray[np.float64]:
         """A non-empty JSON array of numbers -> 1-D float64 (>= 0 if ``nonnegative``)."""
         what = "numbers >= 0" if nonnegative else "numbers"
@@ -491,6 +551,10 @@ def _oversized(field: str, n: int, limit: int) -> InvalidEvent:
 
 def _is_not_number(x: Any) -> bool:
     return type(x) is not int and type(x) is not float
+
+
+def _is_not_nullable_number(x: Any) -> bool:
+    return x is not None and _is_not_number(x)
 
 
 def _is_negative(x: Any) -> bool:
