@@ -23,10 +23,11 @@ Contract, per call:
 - Bad input raises at the call site, never later: ``TypeError`` for what is not a number or an
   array of numbers (strings, booleans, None, object arrays), ``ValueError`` for a wrong value (NaN
   or infinity anywhere but in a scalar, a negative duration, a wrong shape, an empty or
-  >10000-item array, a label out of range, unequal ``y_true``/``y_pred`` lengths). Nothing invalid is ever queued, so the background
-  thread never meets bad input, and the daemon never dead-letters what this client sends. A NaN
-  or infinite *scalar* (a diverged loss) is not bad input but a training fault to surface: it is
-  sent as null and counted as ``non_finite`` in the daemon's window of that scalar.
+  >10000-item array, a label out of range, unequal ``y_true``/``y_pred`` lengths). Nothing invalid
+  is ever queued, so the background thread never meets bad input, and the daemon never dead-
+  letters what this client sends. A NaN or infinite *scalar* (a diverged loss) is not bad input
+  but a training fault to surface: it is sent as null and counted as ``non_finite`` in the
+  daemon's window of that scalar.
 - Arrays: Python lists, NumPy arrays and anything with ``__array__`` (a torch CPU tensor is read
   through it). Exactly one copy is made at the call (the caller may reuse its buffer after the call
   returns): a CUDA tensor is copied to the host once (``.detach().cpu()``) and that copy is kept.
