@@ -299,3 +299,35 @@ def test_tail_table_shows_one_row_per_run_and_stream_with_figures_age_and_state(
     done = next(line for line in lines if "done" in line)
     assert "ended" in done and "2m" in done
     assert "1 duplicates skipped" in text and "tick p95 2.5 ms" in text
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_tail_off_a_terminal_prints_each_new_summary_once(as_json: bool) -> None:
+    """Not on a terminal, tail writes one line per new summary (JSON with --json, else text);
+    duplicates, other runs (--run) and non-summary records print nothing."""
+    import io
+
+    from metricsd import tail
+
+    args = tail.build_parser().parse_args(["--run", "r1", *(["--json"] if as_json else [])])
+    out = io.StringIO()
+    feed = tail._Tail(args, out)
+    first = summary(seq=0, metrics={"median": 0.25})
+    feed.handle(
+        [
+            orjson.dumps(first),
+            orjson.dumps(first),
+            orjson.dumps(summary(run="r2")),
+            b"garbage",
+            None,
+            orjson.dumps({"type": "profile", "instance": "h", "emitted_at": 1.0}),
+            orjson.dumps(summary(seq=1, final=True)),
+        ]
+    )
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    if as_json:
+        assert [orjson.loads(line) for line in lines] == [first, summary(seq=1, final=True)]
+    else:
+        assert lines[0].startswith("r1 batch_time count:1000 seq=0") and "p50=250.0 ms" in lines[0]
+        assert "final" in lines[1]
