@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from metricsd import analyses, stats
+from metricsd import stats
 from metricsd.buffers import RingBank
 from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction
 from metricsd.profiler import Profiler
@@ -184,7 +184,7 @@ def _per_event(pendings: Sequence[Pending], block: FloatArray, latest: list[Reco
 
 def _build_attention(pendings: Sequence[Pending], profiler: Profiler) -> list[Built]:
     with profiler.profile_operation("attention_analysis", "analysis"):
-        figures, tops = analyses.attention_metrics([m for p in pendings for m in p.items])
+        figures, tops = stats.attention_metrics([m for p in pendings for m in p.items])
     block = np.stack([figures["attention_concentration"], figures["attention_entropy"]])
     latest = _rows_of(figures)
     for record, top in zip(latest, tops, strict=True):
@@ -194,7 +194,7 @@ def _build_attention(pendings: Sequence[Pending], profiler: Profiler) -> list[Bu
 
 def _build_features(pendings: Sequence[Pending], profiler: Profiler) -> list[Built]:
     with profiler.profile_operation("feature_analysis", "analysis"):
-        figures = analyses.feature_metrics([v for p in pendings for v in p.items])
+        figures = stats.feature_metrics([v for p in pendings for v in p.items])
     block = np.stack([figures[name] for name in _FEATURE_FIGURES])
     return _per_event(pendings, block, _rows_of(figures, ints=("non_zero",)))
 
@@ -241,8 +241,8 @@ def _cross_validation(
     # int64 overflows for ids near 2**63, which float64 rounds up to 2**63. Ids beyond 2**53
     # that round to the same float64 count as one fold.
     folds = values[0].view(np.int64)
-    latest = analyses.latest_per_fold_2d(folds, kind.bank.arrival_order(rows), mask)
-    return _rows_of(analyses.cv_metrics(values[1], values[2], latest), ints=("folds",))
+    latest = stats.latest_per_fold_2d(folds, kind.bank.arrival_order(rows), mask)
+    return _rows_of(stats.cv_metrics(values[1], values[2], latest), ints=("folds",))
 
 
 def _figures(names: tuple[str, ...], values: FloatArray, mask: BoolArray) -> list[Record]:
