@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from metricsd.analyses import (
+from metricsd.stats import (
     ATTENTION_METRICS,
     CV_METRICS,
     FEATURE_METRICS,

@@ -468,7 +468,7 @@ def test_a_batch_with_more_runs_than_max_runs_summarises_each_value_once() -> No
     assert {r["run_id"] for r in records if r["run_id"].startswith("old")} == {
         f"old{i}" for i in range(5)
     }
-    assert monitor._batch_time.bank.capacity <= 5
+    assert monitor._kind["batch_time"].bank.capacity <= 5
 
 
 def test_banks_stay_within_max_runs_rows_while_runs_pass_through() -> None:
@@ -490,9 +490,11 @@ def test_banks_stay_within_max_runs_rows_while_runs_pass_through() -> None:
         )
         monitor.due(float(start))
     assert monitor.runs_tracked == 20 and monitor.runs_evicted["capacity"] == 1980
-    assert monitor._batch_time.bank.capacity == monitor._features.bank.capacity == 20
+    assert (
+        monitor._kind["batch_time"].bank.capacity == monitor._kind["features"].bank.capacity == 20
+    )
     # Prediction banks may hold MAX_SPLITS rows per run; doubling stops at twice the rows used.
-    assert monitor._binary.bank.capacity <= 2 * 20
+    assert monitor._kind["binary"].bank.capacity <= 2 * 20
     assert monitor.events_ingested == 6000
 
 
