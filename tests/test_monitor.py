@@ -10,6 +10,8 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from metricsd.config import MonitorSettings
 from metricsd.events import Decoder
 from metricsd.monitor import MAX_SPLITS, Monitor
@@ -527,3 +529,52 @@ def test_a_restored_run_counts_as_active_from_the_next_call() -> None:
     monitor.restore(state, partition)
     assert monitor.due(1000.0) == []
     assert [(r["run_id"], r["final"], r["total"]) for r in monitor.due(1010.5)] == [("r", True, 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e6, 1e6, allow_nan=False) | st.none(), min_size=1, max_size=40),
+    window=st.integers(1, 30),
+)
+def test_scalar_windows_match_scipy_over_the_finite_values(
+    values: list[float | None], window: int
+) -> None:
+    """A scalar's window: batch_time's statistics over its finite values (scipy/numpy oracles)
+    and non_finite = the nulls (NaN/inf losses) in the window; schema-valid on the wire."""
+    schema = json.loads((SCHEMAS / "summary.schema.json").read_text())
+    monitor = Monitor(MonitorSettings(window=window, time_windows=()))
+    monitor.ingest([ev(type="scalar", run_id="r", name="train/loss", value=values)], now=1.0)
+    (rec,) = monitor.due(1.0)
+    jsonschema.Draft202012Validator(schema).validate(orjson.loads(encode(rec)))
+    assert rec["stream"] == "scalar/train/loss" and rec["total"] == len(values)
+    last = values[-window:]
+    finite = np.array([v for v in last if v is not None], dtype=np.float64)
+    m = rec["metrics"]
+    assert m["non_finite"] == len(last) - len(finite) and m["count"] == len(finite)
+    if len(finite) == 0:
+        assert np.isnan(m["mean"]) and np.isnan(m["p99"])
+        return
+    assert m["mean"] == pytest.approx(np.mean(finite), rel=1e-9, abs=1e-9)
+    assert m["std"] == pytest.approx(np.std(finite), rel=1e-9, abs=1e-6)
+    assert (m["min"], m["max"]) == (finite.min(), finite.max())
+    assert m["p95"] == pytest.approx(np.percentile(finite, 95), rel=1e-12, abs=1e-9)
+    if np.std(finite) > 1e-3:
+        assert m["skewness"] == pytest.approx(sps.skew(finite), rel=1e-6, abs=1e-6)
+
+
+def test_scalar_names_per_run_are_bounded() -> None:
+    """A run with more than MAX_SCALARS names: the oldest name's stream is closed with a final
+    summary (like prediction splits), so memory stays bounded whatever a job logs."""
+    from metricsd.monitor import MAX_SCALARS
+
+    monitor = Monitor(MonitorSettings(window=4, time_windows=()))
+    events = [ev(type="scalar", run_id="r", name=f"m{i}", value=float(i)) for i in range(70)]
+    monitor.ingest(events, now=1.0)
+    records = monitor.due(1.0)
+    finals = [r for r in records if r["final"]]
+    assert len(finals) == 70 - MAX_SCALARS
+    assert [r["stream"] for r in finals] == [f"scalar/m{i}" for i in range(70 - MAX_SCALARS)]
+    assert monitor.streams_evicted == 70 - MAX_SCALARS
+    assert {r["stream"] for r in records if not r["final"]} == {
+        f"scalar/m{i}" for i in range(70 - MAX_SCALARS, 70)
+    }

@@ -26,9 +26,10 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   ``move_to_end`` per run and batch, nothing per event). A new run beyond ``max_runs`` first
   evicts the least recently active run; ``due`` evicts runs idle longer than ``idle_timeout``.
   Eviction is ``run_end``: final summaries of all the run's streams, then its rows are freed. A
-  run keeps at most ``MAX_SPLITS`` prediction streams (a new split closes its oldest one with a
-  final summary), so every bank is capped: ``max_runs`` rows (``max_runs * MAX_SPLITS`` for the
-  three prediction kinds). Banks never shrink; freed rows are reused.
+  run keeps at most ``MAX_SPLITS`` prediction streams and ``MAX_SCALARS`` scalar names (a new one
+  closes the oldest of its group with a final summary), so every bank is capped: ``max_runs`` rows
+  (``max_runs * MAX_SPLITS`` for the three prediction kinds, ``max_runs * MAX_SCALARS`` for
+  scalars). Banks never shrink; freed rows are reused.
 
 Summary identity for de-duplication: (run_id, stream, window, seq); ``seq`` counts the ticks that
 produced summaries for that (run, stream), shared by all its windows. ``id`` joins the four.
@@ -50,10 +51,13 @@ from metricsd.events import Event, RunEnd
 from metricsd.profiler import Profiler
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
-__all__ = ["MAX_SPLITS", "Monitor"]
+__all__ = ["MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
 
 # Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
 MAX_SPLITS = 8
+MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
+# Streams per run in each kind group; a new stream beyond it closes the group's oldest one.
+MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
 
 
 class Monitor:
@@ -75,12 +79,12 @@ class Monitor:
         self.settings = settings
         self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
-        # One row per run in each single-stream kind, up to MAX_SPLITS in each prediction kind.
+        # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds.
         self._kinds = [
             Kind(
                 spec,
                 settings.window,
-                max_rows=settings.max_runs * (MAX_SPLITS if spec.per_split else 1),
+                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1),
                 threshold=settings.threshold,
             )
             for spec in KINDS
@@ -105,7 +109,7 @@ class Monitor:
         self._unstamped: list[str] = []
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
-        self.streams_evicted = 0  # prediction splits closed because of MAX_SPLITS
+        self.streams_evicted = 0  # splits and scalar names closed because of MAX_STREAMS
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -212,8 +216,8 @@ class Monitor:
             # The task of a prediction stream changed (e.g. binary -> regression): the old window
             # is meaningless for the new task, so it is closed and a new one starts.
             self._drop(ref)
-        elif task is not None and run_id in self._runs:
-            self._limit_splits(run_id, self._clock if now is None else now)
+        elif kind.spec.group and run_id in self._runs:
+            self._limit_streams(run_id, kind.spec.group, self._clock if now is None else now)
         if run_id not in self._runs:
             self._admit(run_id, now)
         ref = Row(run_id, stream, kind, kind.bank.allocate(), task)
@@ -307,10 +311,11 @@ class Monitor:
             self._unstamped.append(run_id)
         self._last_seen[run_id] = at
 
-    def _limit_splits(self, run_id: str, now: float) -> None:
-        """Before a run gets a new prediction stream: close its oldest one if it has MAX_SPLITS."""
-        splits = [ref for ref in self._runs[run_id] if ref.task is not None]
-        if len(splits) >= MAX_SPLITS:
+    def _limit_streams(self, run_id: str, group: str, now: float) -> None:
+        """Before a run gets a new stream of ``group`` (a prediction split, a scalar name):
+        close its oldest one of that group, with a final summary, if it has MAX_STREAMS."""
+        splits = [ref for ref in self._runs[run_id] if ref.kind.spec.group == group]
+        if len(splits) >= MAX_STREAMS[group]:
             oldest = splits[0]
             self._ready.extend(self._summaries(oldest.kind, [oldest], now, final=True))
             self._drop(oldest)

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from metricsd import stats
 from metricsd.buffers import RingBank
-from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction
+from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction, Scalar
 from metricsd.profiler import Profiler
 
 __all__ = ["KINDS", "Batch", "Kind", "KindSpec", "Pending", "Record", "Row", "summarise"]
@@ -102,13 +102,24 @@ def _collect_batch_time(batch: Batch, ev: BatchTime, ts: float) -> None:
     pending = batch.index["batch_time"].get(run_id)
     if pending is None:
         pending = batch.add(run_id, run_id, "batch_time", "batch_time", None)
-    seconds = ev.seconds
-    if type(seconds) is float:
-        pending.items.append(seconds)
+    _extend(pending, ev.seconds, ts)
+
+
+def _extend(pending: Pending, values: float | FloatArray, ts: float) -> None:
+    if isinstance(values, float):
+        pending.items.append(values)
         pending.ts.append(ts)
     else:
-        pending.items.extend(seconds.tolist())
-        pending.ts.extend([ts] * len(seconds))
+        pending.items.extend(values.tolist())
+        pending.ts.extend([ts] * len(values))
+
+
+def _collect_scalar(batch: Batch, ev: Scalar, ts: float) -> None:
+    key = (ev.run_id, ev.name)
+    pending = batch.index["scalar"].get(key)
+    if pending is None:
+        pending = batch.add(key, ev.run_id, f"scalar/{ev.name}", "scalar", None)
+    _extend(pending, ev.value, ts)
 
 
 def _collect_prediction(batch: Batch, ev: Prediction, ts: float) -> None:
@@ -215,6 +226,15 @@ def _numeric(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) ->
     return _rows_of(stats.numeric_summary(values[0], mask), ints=("count",))
 
 
+def _scalar(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
+    """``batch_time``'s statistics over the finite values, and how many were not finite (sent
+    as null: a NaN or infinite loss is a fault of the training to surface, not a value)."""
+    finite = np.isfinite(values[0])
+    result = stats.numeric_summary(values[0], mask & finite)
+    result["non_finite"] = (mask & ~finite).sum(axis=1).astype(np.float64)
+    return _rows_of(result, ints=("count", "non_finite"))
+
+
 def _binary(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
     result = stats.binary_summary(values[0], values[1], mask)
     return _rows_of(result, ints=("tp", "fp", "fn", "tn"))
@@ -281,17 +301,21 @@ class KindSpec:
     metrics: Metrics
     write_rank: int
     activity_rank: int
-    per_split: bool = False  # one row per (run, split): up to MAX_SPLITS rows per run
+    # Kinds of one group share a per-run stream limit (the monitor's MAX_STREAMS[group]):
+    # "prediction" (one row per split and task), "scalar" (one row per name); "" = one row.
+    group: str = ""
     # Metrics do not depend on which slot holds a value (all but cv, which reads arrival order).
     order_free: bool = True
 
 
 def _prediction(name: str, metrics: Metrics) -> KindSpec:
     """A prediction kind: one per task, fed by the predictions of that task."""
-    return KindSpec(name, 2, Prediction, _collect_prediction, _build_pairs, metrics, 1, 2, True)
+    return KindSpec(
+        name, 2, Prediction, _collect_prediction, _build_pairs, metrics, 1, 2, "prediction"
+    )
 
 
-# name, channels, source event, collect, build, metrics, write rank, activity rank[, per split]
+# name, channels, source event, collect, build, metrics, write rank, activity rank[, group]
 KINDS: tuple[KindSpec, ...] = (
     KindSpec("batch_time", 1, BatchTime, _collect_batch_time, _build_scalars, _numeric, 0, 0),
     _prediction("binary", _binary),
@@ -304,6 +328,7 @@ KINDS: tuple[KindSpec, ...] = (
     KindSpec("cv", 3, CvFold, _collect_cv, _build_folds, _cross_validation, 2, 1),
     KindSpec("attention", 2, Attention, _collect_attention, _build_attention, _attention, 3, 3),
     KindSpec("features", 3, Features, _collect_features, _build_features, _features, 4, 4),
+    KindSpec("scalar", 1, Scalar, _collect_scalar, _build_scalars, _scalar, 5, 5, "scalar"),
 )
 
 
