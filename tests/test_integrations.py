@@ -1,0 +1,311 @@
+"""The framework callbacks (``metricsd.integrations``) on real frameworks, on CPU, without Kafka.
+
+Each test trains a tiny model on random data with the callback and an ``Emitter`` whose sender is
+in memory, and checks the records against what the framework itself did: one ``batch_time`` per
+training step it ran, scalars equal to what it logged, predictions equal to what the model output,
+``run_end`` with the right status. A framework that is not installed skips its tests (the extras
+``lightning``, ``transformers``, ``keras``; the default dev install has none of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from metricsd.emitter import Emitter
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first imported; no TensorFlow
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class MemorySender:
+    """Keeps every record the emitter's thread produces; the broker stand-in."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes]] = []
+        self.lock = threading.Lock()
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, records: Sequence[tuple[bytes, bytes]]) -> list[BaseException | None]:
+        with self.lock:
+            self.records.extend(records)
+        await asyncio.sleep(0)
+        return [None] * len(records)
+
+    async def stop(self) -> None:
+        pass
+
+    def docs(self, kind: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            docs = [orjson.loads(value) for _, value in self.records]
+        return [d for d in docs if kind is None or d["type"] == kind]
+
+
+def emitter(sender: MemorySender, **kwargs: Any) -> Emitter:
+    kwargs.setdefault("linger", 0.02)
+    kwargs.setdefault("heartbeat_interval", 0)
+    return Emitter("cb-run", sender=sender, **kwargs)
+
+
+def flat(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def values_and_steps(docs: list[dict[str, Any]], field: str) -> tuple[list[float], list[int]]:
+    """The values of coalesced records in call order, and for each record (cumulative count - 1,
+    its step): a coalesced record carries the step of its last call."""
+    values: list[float] = []
+    marks: list[int] = []
+    for doc in docs:
+        values.extend(flat(doc[field]))
+        marks.append(len(values) - 1)
+    return values, marks
+
+
+def steps_match(docs: list[dict[str, Any]], field: str, expected: list[int]) -> bool:
+    """Every record's step is the expected step of its last call (``expected`` per call)."""
+    values, marks = values_and_steps(docs, field)
+    assert len(values) == len(expected)
+    return [d.get("step") for d in docs] == [expected[i] for i in marks]
+
+
+def batch_times(sender: MemorySender) -> list[float]:
+    return values_and_steps(sender.docs("batch_time"), "seconds")[0]
+
+
+def scalar_docs(sender: MemorySender, name: str) -> list[dict[str, Any]]:
+    return [d for d in sender.docs("scalar") if d["name"] == name]
+
+
+def scalars(sender: MemorySender, name: str) -> list[float]:
+    """Every value sent as scalar ``name``, in order."""
+    return values_and_steps(scalar_docs(sender, name), "value")[0]
+
+
+def run_ends(sender: MemorySender) -> list[str]:
+    return [d.get("status", "") for d in sender.docs("run_end")]
+
+
+def test_importing_metricsd_and_the_subpackage_imports_no_framework() -> None:
+    """``import metricsd`` and ``import metricsd.integrations`` import no framework (nor torch)."""
+    code = (
+        "import sys, metricsd, metricsd.integrations\n"
+        "bad = [m for m in ('torch', 'lightning', 'pytorch_lightning', 'transformers', 'keras')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_to_float_takes_numbers_and_one_element_arrays_only() -> None:
+    from metricsd.integrations._common import to_float
+
+    assert to_float(2) == 2.0 and to_float(np.float32(0.5)) == 0.5
+    assert to_float(np.array([[3.0]])) == 3.0
+    for bad in (True, None, "1.0", np.array([1.0, 2.0]), np.array(["a"]), object()):
+        assert to_float(bad) is None
+
+
+# ------------------------------------------------------------------ PyTorch Lightning
+def lightning_parts() -> tuple[Any, Any, Any]:
+    torch = pytest.importorskip("torch")
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    from metricsd.integrations.lightning import MetricsdCallback
+
+    return torch, pl, MetricsdCallback
+
+
+def make_lightning(
+    torch: Any, pl: Any, *, fail_at: int | None = None, n: int = 96, batch: int = 8
+) -> tuple[Any, Any, Any]:
+    """A 4-feature binary classifier; it records the losses it logs and the predictions it makes."""
+
+    class Tiny(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+            self.train_losses: list[float] = []
+            self.val_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+            self.steps = 0
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if fail_at is not None and self.steps == fail_at:
+                raise RuntimeError("boom")
+            self.steps += 1
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self.layer(x), y)
+            self.train_losses.append(float(loss.detach()))
+            self.log("train_loss", loss, on_step=True, on_epoch=False)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            logits = self.layer(x)
+            pred = logits.argmax(-1)
+            self.val_pairs.append((y.numpy().copy(), pred.numpy().copy()))
+            self.log("val_loss", torch.nn.functional.cross_entropy(logits, y))
+            return {"pred": pred}
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    data = torch.utils.data.TensorDataset(x, y)
+    train = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, generator=gen)
+    val = torch.utils.data.DataLoader(data, batch_size=batch * 2)
+    return Tiny(), train, val
+
+
+def lightning_trainer(pl: Any, callback: Any, **kwargs: Any) -> Any:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def test_lightning_callback_sends_step_times_logged_metrics_predictions_and_run_end() -> None:
+    torch, pl, MetricsdCallback = lightning_parts()
+    sender = MemorySender()
+    em = emitter(sender, rank=0)
+    callback = MetricsdCallback(
+        em,
+        log_every_n_steps=1,
+        predictions=lambda outputs, batch: (batch[1], outputs["pred"]),
+        task="binary",
+        split="val",
+    )
+    model, train, val = make_lightning(torch, pl)
+    trainer = lightning_trainer(pl, callback, max_epochs=3, num_sanity_val_steps=2)
+    trainer.fit(model, train, val)
+
+    assert em.stats()["closed"]
+    steps_run = trainer.global_step
+    assert steps_run == 3 * len(train) == model.steps == 36
+    seconds = batch_times(sender)
+    assert len(seconds) == steps_run and all(s > 0 for s in seconds)
+    # step = global_step when each batch started
+    assert steps_match(sender.docs("batch_time"), "seconds", list(range(steps_run)))
+    # train_loss after every batch (cadence 1), at each validation end (after the epoch's last
+    # batch: its value again) and at fit end (the last value again)
+    per_epoch = len(train)
+    want_values: list[float] = []
+    want_steps: list[int] = []
+    for e in range(3):
+        epoch = model.train_losses[e * per_epoch : (e + 1) * per_epoch]
+        want_values += [*epoch, epoch[-1]]
+        want_steps += [*range(e * per_epoch + 1, (e + 1) * per_epoch + 1), (e + 1) * per_epoch]
+    want_values.append(model.train_losses[-1])
+    want_steps.append(steps_run)
+    assert scalars(sender, "train_loss") == pytest.approx(want_values, rel=1e-6)
+    assert steps_match(scalar_docs(sender, "train_loss"), "value", want_steps)
+    val_loss = scalars(sender, "val_loss")
+    assert len(val_loss) >= 3 and val_loss[-1] == pytest.approx(
+        float(trainer.callback_metrics["val_loss"]), rel=1e-6
+    )
+    # predictions: the three real validation runs, not the 2 sanity-check batches
+    preds = sender.docs("prediction")
+    sanity = 2
+    real = model.val_pairs[sanity:]
+    assert len(preds) == len(real) == 3 * len(val)
+    for doc, (y_true, y_pred) in zip(preds, real, strict=True):
+        assert doc["task"] == "binary" and doc["split"] == "val"
+        assert doc["y_true"] == y_true.tolist() and doc["y_pred"] == y_pred.tolist()
+    assert run_ends(sender) == ["completed"]
+    assert sender.docs()[-1]["type"] == "run_end"
+    assert all(d["rank"] == 0 for d in sender.docs())
+    assert callback.errors == 0
+
+
+def test_lightning_cadence_sends_metrics_every_n_batches() -> None:
+    torch, pl, MetricsdCallback = lightning_parts()
+    sender = MemorySender()
+    callback = MetricsdCallback(emitter(sender), log_every_n_steps=5)
+    model, train, _ = make_lightning(torch, pl)
+    lightning_trainer(pl, callback, max_steps=20).fit(model, train)
+    losses = scalars(sender, "train_loss")
+    # after batches 5, 10, 15, 20 (global_step 5..20), then fit end repeats the last value
+    assert steps_match(scalar_docs(sender, "train_loss"), "value", [5, 10, 15, 20, 20])
+    picked = [model.train_losses[i] for i in (4, 9, 14, 19, 19)]
+    assert losses == pytest.approx(picked, rel=1e-6)
+    assert len(batch_times(sender)) == 20
+    assert run_ends(sender) == ["completed"]
+
+
+def test_lightning_exception_during_fit_sends_run_end_failed() -> None:
+    torch, pl, MetricsdCallback = lightning_parts()
+    sender = MemorySender()
+    callback = MetricsdCallback(emitter(sender), log_every_n_steps=1)
+    model, train, _ = make_lightning(torch, pl, fail_at=7)
+    trainer = lightning_trainer(pl, callback, max_epochs=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, train)
+    assert run_ends(sender) == ["failed"]
+    # 7 batches completed; the 8th started and raised in training_step: no time for it
+    assert len(batch_times(sender)) == 7
+    assert scalars(sender, "train_loss") == pytest.approx(model.train_losses, rel=1e-6)
+
+
+def test_lightning_callback_survives_a_broken_emitter(caplog: pytest.LogCaptureFixture) -> None:
+    """An emitter that raises on every call: training completes, errors are counted, one log."""
+    torch, pl, MetricsdCallback = lightning_parts()
+
+    class Broken(Emitter):
+        def batch_time(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("emitter bug")
+
+        def scalars(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("emitter bug")
+
+    sender = MemorySender()
+    em = Broken("broken", sender=sender, linger=0.02, heartbeat_interval=0)
+    callback = MetricsdCallback(em, log_every_n_steps=1)
+    model, train, _ = make_lightning(torch, pl)
+    with caplog.at_level(logging.WARNING, logger="metricsd.integrations"):
+        lightning_trainer(pl, callback, max_steps=10).fit(model, train)
+    assert model.steps == 10
+    assert callback.errors == 10 + 1  # every batch end, and the fit end's metrics
+    warnings = [r for r in caplog.records if r.name == "metricsd.integrations"]
+    assert len(warnings) == 1 and "emitter bug" in (warnings[0].exc_text or "")
+    assert run_ends(sender) == ["completed"]  # the end is still sent
+
+
+def test_lightning_creates_its_emitter_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No emitter given: one is made in setup with rank = trainer.global_rank and closed at the
+    end (METRICSD_DISABLED here, so it sends nothing)."""
+    torch, pl, MetricsdCallback = lightning_parts()
+    monkeypatch.setenv("METRICSD_DISABLED", "1")
+    monkeypatch.setenv("METRICSD_RUN_ID", "from-env")
+    callback = MetricsdCallback()
+    model, train, _ = make_lightning(torch, pl)
+    lightning_trainer(pl, callback, max_steps=3).fit(model, train)
+    em = callback.emitter
+    assert isinstance(em, Emitter) and em.run_id == "from-env" and em.rank == 0
+    assert em.stats()["closed"] and em.stats()["ignored"] > 3
+    assert callback.errors == 0
