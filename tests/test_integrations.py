@@ -309,3 +309,159 @@ def test_lightning_creates_its_emitter_from_the_environment(
     assert isinstance(em, Emitter) and em.run_id == "from-env" and em.rank == 0
     assert em.stats()["closed"] and em.stats()["ignored"] > 3
     assert callback.errors == 0
+
+
+# ------------------------------------------------------------------ Hugging Face transformers
+def hf_parts() -> tuple[Any, Any, Any]:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from metricsd.integrations.transformers import MetricsdCallback
+
+    return torch, transformers, MetricsdCallback
+
+
+class TokenData:
+    """Random token sequences with 3 labels; a map-style dataset of dicts, as the Trainer takes."""
+
+    def __init__(self, torch: Any, n: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 100, (n, 12), generator=gen)
+        self.labels = torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": self.ids[i] > 0,
+            "labels": self.labels[i],
+        }
+
+
+def hf_trainer(transformers: Any, tmp_path: Any, callbacks: list[Any], **kwargs: Any) -> Any:
+    torch = sys.modules["torch"]
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config)  # random weights, no download
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenData(torch, 64, 1),
+        eval_dataset=TokenData(torch, 40, 2),
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def test_transformers_callback_sends_step_times_logs_eval_metrics_predictions_and_run_end(
+    tmp_path: Any,
+) -> None:
+    torch, transformers, MetricsdCallback = hf_parts()
+    sender = MemorySender()
+    callback = MetricsdCallback(emitter(sender, rank=0))
+    seen: list[Any] = []
+
+    def accuracy(eval_pred: Any) -> dict[str, float]:
+        seen.append(eval_pred)
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+    trainer = hf_trainer(
+        transformers, tmp_path, [callback], compute_metrics=callback.compute_metrics(accuracy)
+    )
+    trainer.train()
+
+    steps_run = trainer.state.global_step
+    assert steps_run == 2 * 64 // 8 == 16
+    seconds = batch_times(sender)
+    assert len(seconds) == steps_run and all(s > 0 for s in seconds)
+    assert steps_match(sender.docs("batch_time"), "seconds", list(range(steps_run)))
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == steps_run
+    for name in ("loss", "learning_rate", "grad_norm"):
+        assert scalars(sender, name) == pytest.approx([h[name] for h in train_logs], rel=1e-9)
+    eval_logs = [h for h in history if "eval_loss" in h]
+    assert len(eval_logs) == 2
+    assert scalars(sender, "eval/loss") == pytest.approx([h["eval_loss"] for h in eval_logs])
+    assert scalars(sender, "eval/accuracy") == [h["eval_accuracy"] for h in eval_logs]
+    assert not [d for d in sender.docs("scalar") if d["name"].startswith("eval_")]
+    final = next(h for h in history if "train_runtime" in h)
+    assert scalars(sender, "train_loss") == pytest.approx([final["train_loss"]])
+    # predictions: the model's own argmax on the eval set, after each epoch
+    preds = sender.docs("prediction")
+    assert len(preds) == len(seen) == 2
+    for doc, eval_pred in zip(preds, seen, strict=True):
+        assert doc["task"] == "multiclass" and doc["split"] == "val"
+        assert doc["y_true"] == eval_pred.label_ids.tolist()
+        assert doc["y_pred"] == eval_pred.predictions.argmax(-1).tolist()
+    model = trainer.model.eval()
+    data = trainer.eval_dataset
+    with torch.no_grad():
+        logits = model(input_ids=data.ids, attention_mask=data.ids > 0).logits
+    assert preds[-1]["y_pred"] == logits.argmax(-1).tolist()
+    assert preds[-1]["y_true"] == data.labels.tolist()
+    assert run_ends(sender) == ["completed"] and sender.docs()[-1]["type"] == "run_end"
+    assert callback.errors == 0
+
+
+def test_transformers_exception_during_train_ends_the_run_failed(tmp_path: Any) -> None:
+    """The Trainer has no exception hook: ``with emitter:`` closes with "failed", and the callback
+    sent no "completed" before."""
+    _, transformers, MetricsdCallback = hf_parts()
+
+    class Boom(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 5:
+                raise RuntimeError("boom")
+
+    sender = MemorySender()
+    em = emitter(sender)
+    callback = MetricsdCallback(em)
+    trainer = hf_trainer(transformers, tmp_path, [callback, Boom()])
+    with pytest.raises(RuntimeError, match="boom"), em:
+        trainer.train()
+    assert run_ends(sender) == ["failed"]
+    assert len(batch_times(sender)) == 5
+
+
+def test_transformers_compute_metrics_wrapper_binary_single_logit_and_padding() -> None:
+    """One logit per item -> ``logit > 0``; labels -100 left out; the wrapped result returned."""
+    _, _, MetricsdCallback = hf_parts()
+    from transformers import EvalPrediction
+
+    sender = MemorySender()
+    em = emitter(sender)
+    callback = MetricsdCallback(em)
+    compute = callback.compute_metrics(lambda p: {"n": len(p.label_ids)}, task="binary")
+    logits = np.array([[-1.0], [2.0], [0.5], [-0.1]])
+    labels = np.array([0, 1, -100, 1])
+    assert compute(EvalPrediction(predictions=logits, label_ids=labels)) == {"n": 4}
+    em.close()
+    [doc] = sender.docs("prediction")
+    assert doc["y_true"] == [0, 1, 1] and doc["y_pred"] == [0, 1, 0]
+    with pytest.raises(ValueError, match="task"):
+        callback.compute_metrics(task="ranking")
