@@ -465,3 +465,96 @@ def test_transformers_compute_metrics_wrapper_binary_single_logit_and_padding() 
     assert doc["y_true"] == [0, 1, 1] and doc["y_pred"] == [0, 1, 0]
     with pytest.raises(ValueError, match="task"):
         callback.compute_metrics(task="ranking")
+
+
+# ------------------------------------------------------------------ Keras 3 (torch backend)
+def keras_parts() -> tuple[Any, Any]:
+    pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip(f"keras runs on {keras.backend.backend()}, these tests use the torch backend")
+    from metricsd.integrations.keras import MetricsdCallback
+
+    return keras, MetricsdCallback
+
+
+def keras_model_and_data(keras: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 5)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="sgd", loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    return model, x, y
+
+
+def keras_recorder(keras: Any) -> Any:
+    class Recorder(keras.callbacks.Callback):  # type: ignore[misc]
+        """What Keras itself hands to callbacks."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_logs: list[dict[str, float]] = []
+            self.epoch_logs: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.batch_logs.append({k: float(v) for k, v in (logs or {}).items()})
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.epoch_logs.append({k: float(v) for k, v in (logs or {}).items()})
+
+    return Recorder()
+
+
+def test_keras_callback_sends_step_times_logs_and_run_end() -> None:
+    keras, MetricsdCallback = keras_parts()
+    sender = MemorySender()
+    callback = MetricsdCallback(emitter(sender))
+    recorder = keras_recorder(keras)
+    model, x, y = keras_model_and_data(keras)
+    history = model.fit(
+        x,
+        y,
+        batch_size=10,
+        epochs=3,
+        validation_split=0.2,
+        verbose=0,
+        callbacks=[callback, recorder],
+    )
+    steps_run = 3 * 8  # 80 training rows / 10
+    assert len(recorder.batch_logs) == steps_run
+    seconds = batch_times(sender)
+    assert len(seconds) == steps_run and all(s > 0 for s in seconds)
+    assert steps_match(sender.docs("batch_time"), "seconds", list(range(steps_run)))
+    assert scalars(sender, "loss") == pytest.approx([r["loss"] for r in recorder.batch_logs])
+    assert steps_match(scalar_docs(sender, "loss"), "value", list(range(1, steps_run + 1)))
+    assert scalars(sender, "epoch/loss") == pytest.approx(history.history["loss"], rel=1e-6)
+    assert scalars(sender, "epoch/val_loss") == pytest.approx(history.history["val_loss"], rel=1e-6)
+    assert steps_match(scalar_docs(sender, "epoch/val_loss"), "value", [8, 16, 24])
+    assert run_ends(sender) == ["completed"] and sender.docs()[-1]["type"] == "run_end"
+    assert callback.errors == 0
+
+
+def test_keras_cadence_and_an_exception_during_fit() -> None:
+    """log_every_n_steps=4 sends every 4th batch's logs; an exception in fit: ``with emitter:``
+    ends the run "failed", the batches before it were timed."""
+    keras, MetricsdCallback = keras_parts()
+
+    class Boom(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 5:
+                raise RuntimeError("boom")
+
+    sender = MemorySender()
+    em = emitter(sender)
+    callback = MetricsdCallback(em, log_every_n_steps=4)
+    recorder = keras_recorder(keras)
+    model, x, y = keras_model_and_data(keras)
+    with pytest.raises(RuntimeError, match="boom"), em:
+        model.fit(x, y, batch_size=10, epochs=2, verbose=0, callbacks=[callback, recorder, Boom()])
+    assert len(batch_times(sender)) == 6  # batches 0..5; Boom raised after ours ran for 5
+    assert scalars(sender, "loss") == pytest.approx([recorder.batch_logs[3]["loss"]])
+    assert steps_match(scalar_docs(sender, "loss"), "value", [4])
+    assert run_ends(sender) == ["failed"]
