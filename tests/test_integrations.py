@@ -176,9 +176,9 @@ def make_lightning(
 
 
 def lightning_trainer(pl: Any, callback: Any, **kwargs: Any) -> Any:
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
@@ -558,3 +558,103 @@ def test_keras_cadence_and_an_exception_during_fit() -> None:
     assert scalars(sender, "loss") == pytest.approx([recorder.batch_logs[3]["loss"]])
     assert steps_match(scalar_docs(sender, "loss"), "value", [4])
     assert run_ends(sender) == ["failed"]
+
+
+DDP_SCRIPT = """
+import os, sys
+import torch
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+from metricsd.emitter import Emitter
+from metricsd.integrations.lightning import MetricsdCallback
+
+OUT = os.environ["CB_OUT"]
+
+
+class FileSender:  # every record's value appended to a file per rank
+    def __init__(self, path):
+        self.path = path
+
+    async def start(self):
+        pass
+
+    async def send(self, records):
+        with open(self.path, "ab") as f:
+            for _, value in records:
+                f.write(value + b"\\n")
+        return [None] * len(records)
+
+    async def stop(self):
+        pass
+
+
+class FileCallback(MetricsdCallback):  # the environment-made emitter, with a file as broker
+    def _ensure(self, **kwargs):
+        if self.emitter is None:
+            path = os.path.join(OUT, f"rank{kwargs['rank']}.jsonl")
+            kwargs.update(sender=FileSender(path), linger=0.02, heartbeat_interval=0)
+            self.emitter = Emitter(**kwargs)
+        return self.emitter
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.layer(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[FileCallback(log_every_n_steps=1)],
+    )
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+"""
+
+
+def test_lightning_ddp_two_ranks_share_the_run_id_tag_their_rank_and_rank_0_ends_it(
+    tmp_path: Any,
+) -> None:
+    """Two CPU processes (strategy="ddp", gloo), the callback making its emitters from the
+    environment: each rank sends its own step times tagged with its rank; without METRICSD_RUN_ID
+    both use rank 0's generated run_id (broadcast); only rank 0 sends run_end."""
+    lightning_parts()
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METRICSD_")}
+    env.update(CB_OUT=str(tmp_path), PYTHONUNBUFFERED="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    docs = {
+        rank: [orjson.loads(line) for line in (tmp_path / f"rank{rank}.jsonl").read_bytes().split()]
+        for rank in (0, 1)
+    }
+    per_rank_steps = 64 // 8 // 2  # the DistributedSampler gives each rank half of the 8 batches
+    for rank, rank_docs in docs.items():
+        assert {d["rank"] for d in rank_docs} == {rank}
+        seconds = values_and_steps([d for d in rank_docs if d["type"] == "batch_time"], "seconds")
+        assert len(seconds[0]) == per_rank_steps
+        losses = [d for d in rank_docs if d["type"] == "scalar" and d["name"] == "train_loss"]
+        assert len(values_and_steps(losses, "value")[0]) == per_rank_steps + 1  # + fit end
+    run_ids = {d["run_id"] for rank_docs in docs.values() for d in rank_docs}
+    assert len(run_ids) == 1 and run_ids.pop().startswith("run-")
+    assert [d["status"] for d in docs[0] if d["type"] == "run_end"] == ["completed"]
+    assert not [d for d in docs[1] if d["type"] == "run_end"]
