@@ -54,7 +54,7 @@ class Base:
         self.close_emitter = close or emitter is None
         self.close_timeout = close_timeout
         self.errors = 0  # exceptions caught in hooks (emitter or conversion problems)
-        self.skipped = 0  # logged values that were not finite numbers, not sent
+        self.non_finite = 0  # logged values that were NaN/inf: sent, the daemon counts them
 
     def _ensure(self, **kwargs: Any) -> Emitter | None:
         """The emitter, created from the environment on first use (``kwargs`` for ``Emitter``)."""
@@ -88,16 +88,15 @@ class Base:
 
     def _numbers(self, values: Mapping[str, Any], *, prefix: str = "") -> dict[str, float]:
         """The finite numeric entries of ``values`` as floats (one-element tensors/arrays too);
-        strings, booleans, None and larger arrays are left out; NaN/infinity are counted as
-        ``skipped`` (the emitter refuses them)."""
+        strings, booleans, None and larger arrays are left out. NaN/infinity are sent (as null;
+        a diverged loss is what the summaries must show, as ``non_finite``) and counted here."""
         out: dict[str, float] = {}
         for name, value in values.items():
             v = to_float(value)
             if v is None:
                 continue
             if not math.isfinite(v):
-                self.skipped += 1
-                continue
+                self.non_finite += 1
             out[prefix + str(name)] = v
         return out
 

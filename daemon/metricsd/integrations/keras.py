@@ -34,7 +34,7 @@ _Callback: Any = importlib.import_module("keras").callbacks.Callback
 
 
 class MetricsdCallback(Base, _Callback):  # type: ignore[misc]
-    """See the module docstring. ``emitter``, ``errors`` and ``skipped`` are attributes."""
+    """See the module docstring. ``emitter``, ``errors`` and ``non_finite`` are attributes."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ Trainer accepts only callbacks of its own package).
   ``log_every_n_steps``-th training batch (default: the Trainer's ``log_every_n_steps``), at the
   end of each validation run (not the sanity check) and at the end of fit. It is the current value
   of each metric, so an epoch or validation metric repeats until it is updated. NaN and infinity
-  are not sent (counted in ``skipped``).
+  are sent (as null) and counted in ``non_finite``: the daemon's summaries show them.
 - ``prediction``: with ``predictions=fn``, ``fn(outputs, batch) -> (y_true, y_pred)`` is called on
   every validation batch (``outputs`` is what ``validation_step`` returned) and the pair is sent
   with ``task`` and ``split`` (sanity-check batches are skipped unless ``sanity_check=True``).
@@ -59,7 +59,7 @@ PredictionFn = Callable[[Any, Any], tuple[Any, Any]]
 
 
 class MetricsdCallback(Base, _Callback):  # type: ignore[misc]
-    """See the module docstring. ``emitter``, ``errors`` and ``skipped`` are attributes."""
+    """See the module docstring. ``emitter``, ``errors`` and ``non_finite`` are attributes."""
 
     def __init__(
         self,

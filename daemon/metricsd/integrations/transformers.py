@@ -7,8 +7,8 @@ evaluation metrics and predictions, and the end of the run to metricsd.
   its gradient-accumulation micro-batches), ``step`` = ``state.global_step`` when it began.
 - ``scalar`` from ``on_log``: every numeric value the Trainer logs (``loss``, ``learning_rate``,
   ``grad_norm``, ``epoch``, the final ``train_runtime``...), named as logged, ``step`` =
-  ``state.global_step``; strings, booleans and non-finite values are left out (NaN/infinity counted
-  in ``skipped``). Keys that start with ``eval_`` are left to ``on_evaluate``.
+  ``state.global_step``; strings and booleans are left out, NaN/infinity are sent (as null) and
+  counted in ``non_finite``. Keys that start with ``eval_`` are left to ``on_evaluate``.
 - ``scalar`` from ``on_evaluate``: every numeric metric as ``eval/<name>`` (``eval_loss`` ->
   ``eval/loss``).
 - ``prediction``: ``compute_metrics(fn=None, task="multiclass", split="val")`` returns a function
@@ -48,7 +48,7 @@ _TASKS = ("binary", "multiclass", "regression")
 
 
 class MetricsdCallback(Base, _TrainerCallback):  # type: ignore[misc]
-    """See the module docstring. ``emitter``, ``errors`` and ``skipped`` are attributes."""
+    """See the module docstring. ``emitter``, ``errors`` and ``non_finite`` are attributes."""
 
     def __init__(
         self, emitter: Emitter | None = None, *, close: bool = True, close_timeout: float = 10.0
