@@ -331,3 +331,14 @@ def test_tail_off_a_terminal_prints_each_new_summary_once(as_json: bool) -> None
     else:
         assert lines[0].startswith("r1 batch_time count:1000 seq=0") and "p50=250.0 ms" in lines[0]
         assert "final" in lines[1]
+
+
+def test_scalar_streams_show_their_figures() -> None:
+    """A scalar/<name> summary (loss, learning rate) shows mean, min, max and non-finite."""
+    from metricsd.summaries import key_figures, stream_kind
+
+    record = {"stream": "scalar/loss", "metrics": {"mean": 0.5, "min": 0.1, "max": 0.9,
+              "non_finite": 2, "count": 8}}  # fmt: skip
+    assert stream_kind(record) == "scalar"
+    figures = {f.label: f.value for f in key_figures(record)}
+    assert figures == {"mean": 0.5, "min": 0.1, "max": 0.9, "non-finite": 2.0}

@@ -91,11 +91,14 @@ def window_tag(window: Mapping[str, Any]) -> str:
 
 
 def stream_kind(record: Mapping[str, Any]) -> str:
-    """``batch_time``, ``binary``, ``multiclass``, ``regression``, ``cv``, ``attention``,
-    ``features`` (or the stream name itself for a stream this module does not know)."""
+    """``batch_time``, ``binary``, ``multiclass``, ``regression``, ``scalar``, ``cv``,
+    ``attention``, ``features`` (or the stream name itself for a stream this module does not
+    know)."""
     stream = str(record.get("stream", ""))
     if stream.startswith("prediction/"):
         return str(record.get("task", "prediction"))
+    if stream.startswith("scalar/"):
+        return "scalar"
     return stream
 
 
@@ -191,6 +194,13 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure("r2", _get(m, "r2")),
             Figure("mae", _get(m, "mae")),
             Figure("within thr", _get(m, "within_threshold"), "%"),
+        ]
+    if kind == "scalar":
+        return [
+            Figure("mean", _get(m, "mean")),
+            Figure("min", _get(m, "min")),
+            Figure("max", _get(m, "max")),
+            Figure("non-finite", _get(m, "non_finite"), "n"),
         ]
     if kind == "cv":
         return [
