@@ -15,7 +15,7 @@ Plan
      one that brings ``counters.events`` to N, which then sets the stop event. If a future
      ``Service`` no longer has ``_consume``, a watcher task polling ``counters.events`` every
      5 ms takes over (``timing`` in the JSON says which was used).
-   - **bare loop**: what BASELINES.md calls the limit of the stack: the same consumer settings
+   - **bare loop**: the limit of the stack (one aiokafka consumer): the same consumer settings
      (``metricsd.kafka.consumer``, same group subscription, ``max_records`` as the daemon),
      ``getmany``, ``orjson.loads`` of every value, values grouped per run_id, then one bulk NumPy
      ring write per key per ``getmany``. Timed from the return of the first non-empty

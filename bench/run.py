@@ -50,7 +50,7 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
             "x",
         ),
         Target(
-            f"tick: ≥ 12x per-run loop at {runs:,} runs (plain loop, as BASELINES.md)",
+            f"tick: ≥ 12x per-run loop at {runs:,} runs (plain per-run loop)",
             _find(figures, "tick", f"per-run loop (plain) / daemon, {label}, count window"),
             ">=",
             12.0,

@@ -1,6 +1,6 @@
 """Fuzz the service's core path: any record is summarised or dead-lettered, nothing else happens.
 
-The invariant (h11's fuzz rule, STYLE 6 and 11): for every input record, ``Decoder.decode``
+The invariant (h11's fuzz rule): for every input record, ``Decoder.decode``
 returns an event, which ``Monitor.ingest`` takes, or raises ``InvalidEvent`` with a reason from
 ``REASONS``, which the service turns into a dead letter. Any other exception, and any warning, is a
 bug. The path is the one ``service.Service._consume`` and ``_tick`` run, without Kafka.

@@ -140,7 +140,11 @@ def _describe(record: dict[str, Any]) -> str | None:
             f"concentration mean={_fmt(m['concentration']['mean'])} entropy mean="
             f"{_fmt(m['entropy']['mean'])} top={m['latest']['top_attention_positions']}"
         )
-    else:
+    elif stream.startswith("scalar/"):
+        body = " ".join(f"{k}={_fmt(m[k])}" for k in ("mean", "min", "max", "non_finite"))
+    elif stream == "features":
         body = " ".join(f"{k} mean={_fmt(m[k]['mean'])}" for k in ("mean", "sparsity", "l2_norm"))
+    else:  # a stream this printer does not know yet: its plain figures
+        body = " ".join(f"{k}={_fmt(v)}" for k, v in m.items() if not isinstance(v, dict | list))
     final = " FINAL" if record["final"] else ""
     return f"[{record['run_id']} {stream} n={record['count']} seq={record['seq']}{final}] {body}"

@@ -6,7 +6,7 @@ Operations: ``Decoder.decode(key, value)`` turns one Kafka record into one event
 dataclass) or raises :class:`InvalidEvent`. Records going out (summaries, profiles, dead letters)
 are built and serialised by ``metricsd.records``.
 
-Contract (STYLE 6): for ANY key and value bytes, ``decode`` returns an :data:`Event` or raises
+Contract: for ANY key and value bytes, ``decode`` returns an :data:`Event` or raises
 ``InvalidEvent`` whose ``reason`` is one of :data:`REASONS`. Any other exception escaping ``decode``
 is a bug in this module and must fail loudly. No I/O, no clock, no asyncio.
 

@@ -64,6 +64,13 @@ class TrainingJob:
             "step": step,
             "seconds": round(float(seconds), 6),
         }
+        if step % 5 == 0:
+            loss = float(2.0 * np.exp(-3 * progress) + 0.05 + abs(rng.normal(0, 0.03)))
+            yield {"type": "scalar", "run_id": run_id, "ts": now, "step": step,
+                   "name": "loss", "value": round(loss, 6)}  # fmt: skip
+        if step % 50 == 0:
+            yield {"type": "scalar", "run_id": run_id, "ts": now, "step": step,
+                   "name": "learning_rate", "value": 1e-3 * (1 - 0.9 * progress)}  # fmt: skip
         if step % 10 == 0:
             yield self._prediction(now, progress)
         if step % 200 == 0:

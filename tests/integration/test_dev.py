@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_dev_demo_prints_every_stream_and_a_profile_then_exits() -> None:
-    """`metricsd dev --duration` starts its own broker, prints summaries of all five streams and a
-    profile line, and exits 0 by itself."""
+    """`metricsd dev --duration` starts its own broker, prints summaries of all six stream kinds
+    and a profile line, and exits 0 by itself."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -40,6 +40,13 @@ def test_dev_demo_prints_every_stream_and_a_profile_then_exits() -> None:
     out = proc.stdout
     assert "embedded Tansu broker on 127.0.0.1:" in out
     streams = set(re.findall(r"^\[\S+ (\S+) n=\d+ seq=\d+", out, flags=re.MULTILINE))
-    assert {"batch_time", "prediction/val", "cv", "attention", "features"} <= streams, out[-3000:]
+    assert {
+        "batch_time",
+        "prediction/val",
+        "cv",
+        "attention",
+        "features",
+        "scalar/loss",
+    } <= streams, out[-3000:]
     assert re.search(r"^\[profile\] ticks=\d+", out, flags=re.MULTILINE), out[-3000:]
     assert out.rstrip().endswith("metricsd dev: stopped")
