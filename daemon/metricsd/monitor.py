@@ -41,14 +41,13 @@ orjson writes as ``null`` (JSON never carries NaN or Infinity).
 from __future__ import annotations
 
 import itertools
-import math
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from metricsd.changelog import RowState
 from metricsd.config import MonitorSettings
 from metricsd.events import Event, RunEnd
 from metricsd.profiler import Profiler
+from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
 __all__ = ["MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
@@ -102,10 +101,7 @@ class Monitor:
         self.events_ingested = 0
         self.values_ingested = 0
         # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
-        self._last_seen: OrderedDict[str, float] = OrderedDict()
-        self._idle_timeout = settings.idle_timeout or math.inf  # 0 = never
-        self._clock = 0.0  # the latest ``now`` given to ingest or due
-        # Runs created outside ingest (restore): active as of the next ingest or due.
+        self._recency = Recency(settings.idle_timeout)
         self._unstamped: list[str] = []
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
@@ -145,7 +141,7 @@ class Monitor:
             self._ingest(events, now, partition)
 
     def _ingest(self, events: Sequence[Event], now: float, partition: int) -> None:
-        self._advance(now)
+        self._recency.advance(now)
         collect = self._collect
         batch = Batch(self._kind)
         values = 0
@@ -217,7 +213,8 @@ class Monitor:
             # is meaningless for the new task, so it is closed and a new one starts.
             self._drop(ref)
         elif kind.spec.group and run_id in self._runs:
-            self._limit_streams(run_id, kind.spec.group, self._clock if now is None else now)
+            at = self._recency.clock if now is None else now
+            self._limit_streams(run_id, kind.spec.group, at)
         if run_id not in self._runs:
             self._admit(run_id, now)
         ref = Row(run_id, stream, kind, kind.bank.allocate(), task)
@@ -235,8 +232,10 @@ class Monitor:
         ``seq``. Streams without new data produce nothing. Runs idle for longer than
         ``idle_timeout`` are evicted first (their final summaries are among the records).
         """
-        self._advance(now)
-        self._evict_idle(now)
+        self._recency.advance(now)
+        idle = self._recency.idle(now)
+        if idle:
+            self._evict(idle, now, "idle")
         records, self._ready = self._ready, []
         for kind in self._kinds:
             if kind.dirty:
@@ -273,43 +272,23 @@ class Monitor:
             self._drop(ref)
 
     # -- bounded memory --------------------------------------------------------------------
-    def _advance(self, now: float) -> None:
-        """Remember ``now``; runs created outside ingest (restore) count as active from it."""
-        self._clock = now
-        if self._unstamped:
-            seen = self._last_seen
-            for run_id in self._unstamped:
-                if run_id in seen:
-                    seen[run_id] = now
-                    seen.move_to_end(run_id)
-            self._unstamped.clear()
-
     def _mark_active(self, runs: Iterable[str], now: float) -> None:
         """Move the runs of one flush to the recent end, then make room for its new runs at once
         (one statistics pass per kind for all the runs evicted, instead of one per new run)."""
-        seen = self._last_seen
-        new = 0
-        for run_id in runs:
-            if run_id in seen:
-                seen[run_id] = now
-                seen.move_to_end(run_id)
-            else:
-                new += 1
+        new = self._recency.touch(runs, now)
         excess = len(self._runs) + new - self.settings.max_runs
         if excess > 0:
             # Runs of this flush are at the recent end: they go only if the flush alone has more
             # runs than max_runs (and then ``_admit`` evicts one by one as rows are created).
-            self._evict(list(itertools.islice(seen, excess)), now, "capacity")
+            self._evict(self._recency.oldest(excess), now, "capacity")
 
     def _admit(self, run_id: str, now: float | None) -> None:
         """Start tracking a new run, evicting the least recently active runs to stay in bounds."""
-        at = self._clock if now is None else now
+        at = self._recency.clock if now is None else now
         excess = len(self._runs) + 1 - self.settings.max_runs
         if excess > 0:
-            self._evict(list(itertools.islice(self._last_seen, excess)), at, "capacity")
-        if now is None:
-            self._unstamped.append(run_id)
-        self._last_seen[run_id] = at
+            self._evict(self._recency.oldest(excess), at, "capacity")
+        self._recency.add(run_id, now)
 
     def _limit_streams(self, run_id: str, group: str, now: float) -> None:
         """Before a run gets a new stream of ``group`` (a prediction split, a scalar name):
@@ -320,17 +299,6 @@ class Monitor:
             self._ready.extend(self._summaries(oldest.kind, [oldest], now, final=True))
             self._drop(oldest)
             self.streams_evicted += 1
-
-    def _evict_idle(self, now: float) -> None:
-        """Evict the runs whose last activity is more than ``idle_timeout`` before ``now``."""
-        cutoff = now - self._idle_timeout
-        idle: list[str] = []
-        for run_id, seen in self._last_seen.items():
-            if seen >= cutoff:
-                break  # least recent first: the rest are more recent
-            idle.append(run_id)
-        if idle:
-            self._evict(idle, now, "idle")
 
     def _evict(self, run_ids: list[str], now: float, reason: str) -> None:
         self._end_runs(run_ids, now)
@@ -373,7 +341,7 @@ class Monitor:
         if not run_refs:
             del self._runs[ref.run_id]
             self._partition_of.pop(ref.run_id, None)
-            self._last_seen.pop(ref.run_id, None)
+            self._recency.forget(ref.run_id)
 
     # -- state (changelog) ------------------------------------------------------------------
     def state_changes(self) -> tuple[list[tuple[int, RowState]], list[tuple[int, str, str]]]:

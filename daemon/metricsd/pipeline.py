@@ -30,6 +30,7 @@ from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
 from metricsd.profiler import Profiler
 from metricsd.records import dead_letter, dead_letter_key, encode
+from metricsd.topics import Topics
 
 __all__ = ["Counters", "Pipeline"]
 
@@ -74,18 +75,23 @@ class Pipeline:
         self._floors: dict[kafka.TopicPartition, int] = {}
         self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
         self._outbox: Outbox | None = None
-        self._producer: Any = None
+        self._topics: Topics | None = None
         self._consumer: Any = None
-        self._next_topic_check = 0.0
 
     def use_producer(self, producer: Any) -> None:
         """The started producer: every record goes out through one outbox."""
         self._outbox = Outbox(producer)
-        self._producer = producer
+        self._topics = Topics(self.settings, producer)
 
     def use_consumer(self, consumer: Any) -> None:
         """The group consumer: commits and the seeks of a restore."""
         self._consumer = consumer
+
+    @property
+    def topics(self) -> Topics:
+        if self._topics is None:
+            raise RuntimeError("the producer is not started")
+        return self._topics
 
     @property
     def outbox(self) -> Outbox:
@@ -103,47 +109,7 @@ class Pipeline:
         async with self._lock:
             await self.outbox.send(topic, key, value)
 
-    # -- topics ----------------------------------------------------------------------------
-    async def ensure_changelog_topic(self, timeout: float | None = 60.0) -> list[str]:
-        """Create the changelog topic if missing. It mirrors the input's partitioning: a run's
-        state sits in the changelog partition numbered like the input partition its events
-        arrive on."""
-        s = self.settings
-        partitions = len(await self._producer.partitions_for(s.input_topic))
-        return await kafka.ensure_topics(
-            s.bootstrap_servers,
-            {s.state_topic: partitions},
-            security=s.security,
-            configs={s.state_topic: {"cleanup.policy": "compact"}},
-            timeout=timeout,
-        )
-
-    async def _recover_topics(self) -> None:
-        """Re-create the topics the broker lost: a broker that came back empty (Tansu's memory
-        storage, a wiped cluster) has none of them, and every send would fail until they exist.
-        At most every 10 s, bounded to 10 s; runs on assignment and after a failed tick."""
-        now = time.monotonic()
-        if now < self._next_topic_check:
-            return
-        self._next_topic_check = now + 10.0
-        s = self.settings
-        try:
-            created = await kafka.ensure_topics(
-                s.bootstrap_servers, s.topics(), security=s.security, timeout=10.0
-            )
-            if s.changelog:
-                created += await self.ensure_changelog_topic(timeout=10.0)
-        except (kafka.KafkaError, OSError) as exc:
-            log.warning("topic_check_failed", error=repr(exc))
-            return
-        if created:
-            log.error(
-                "broker_lost_topics",
-                topics=created,
-                detail="the broker no longer had these topics (restarted empty?) and they were "
-                "created again; the windows of the partitions involved start empty",
-            )
-
+    # -- restore ---------------------------------------------------------------------------
     async def _handle_lost_state(self, restored: Restored) -> None:
         """A changelog partition that lost its checkpoint starts empty. If the input partition
         is also shorter than what this instance had already consumed from it, the broker lost
@@ -257,7 +223,7 @@ class Pipeline:
                     await self._write_state(positions, *changes)
                 acked = await self.outbox.settle()
             if not acked:
-                await self._recover_topics()
+                await self.topics.recover()
             committed = await self._commit(positions) if acked and positions else True
             self.settled = acked and committed
         self.counters.ticks += 1
@@ -334,8 +300,8 @@ class Pipeline:
         input partitions to their last checkpoint (docs/state.md)."""
         s = self.settings
         started = time.perf_counter()
-        self._next_topic_check = 0.0  # an assignment is worth a fresh look
-        await self._recover_topics()
+        self.topics.check_soon()  # an assignment is worth a fresh look
+        await self.topics.recover()
         restore = Restore((tp.partition for tp in assigned), f"{self.instance}-{uuid.uuid4().hex}")
         for p, (key, value) in restore.fences:
             await self.outbox.send(s.state_topic, key, value, p)

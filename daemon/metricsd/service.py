@@ -96,7 +96,7 @@ class Service:
         _tune_gc()
         try:
             if s.changelog:
-                await self.pipeline.ensure_changelog_topic()
+                await self.pipeline.topics.ensure_changelog()
             self._consumer = kafka.consumer(
                 s.bootstrap_servers,
                 s.group_id,
