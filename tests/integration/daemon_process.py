@@ -82,3 +82,16 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def daemon_on(
+    bootstrap: str, topic: str, log_path: Path, *extra: str, partitions: int = 1
+) -> DaemonProcess:
+    """The daemon for ``topic`` with the tests' usual names: output ``<topic>.out``, group
+    ``<topic>-group``; ``extra`` flags follow (e.g. ``--window``, ``--interval``)."""
+    return DaemonProcess(
+        ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--output-topic",
+         f"{topic}.out", "--group-id", f"{topic}-group", "--partitions", str(partitions),
+         *extra],
+        log_path,
+    )  # fmt: skip

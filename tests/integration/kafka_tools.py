@@ -257,3 +257,21 @@ def read_topic_aiokafka(
     return asyncio.run(
         read_topic_aiokafka_async(bootstrap, topic, partitions, until=until, timeout=timeout)
     )
+
+
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int | None]:
+    """The offsets ``group`` committed for ``partitions`` of ``topic`` (None: nothing committed)."""
+
+    async def read() -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            return {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 from daemon_process import DaemonProcess
-from kafka_tools import create_topics, produce_foreign, read_topic_foreign
+from kafka_tools import committed_offsets, create_topics, produce_foreign, read_topic_foreign
 from metricsd.devbroker import DevBroker
 from scipy import stats as sps
 from sklearn import metrics as skm
@@ -234,9 +234,6 @@ def test_sigterm_flushes_a_final_summary_and_commits(
     broker: DevBroker, topic_name: str, tmp_path: Path
 ) -> None:
     """With no tick due, SIGTERM still publishes summaries of everything consumed and commits it."""
-    import asyncio
-
-    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = topic_name
     create_topics(broker.bootstrap, {topic: PARTITIONS})
@@ -274,17 +271,7 @@ def test_sigterm_flushes_a_final_summary_and_commits(
     for partition, offset in positions:
         ends[partition] = max(ends[partition], offset + 1)
 
-    async def committed() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=broker.bootstrap, group_id=f"{topic}-group", enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            return {p: await consumer.committed(TopicPartition(topic, p)) for p in ends}
-        finally:
-            await consumer.stop()
-
-    assert asyncio.run(committed()) == dict(ends)
+    assert committed_offsets(broker.bootstrap, f"{topic}-group", topic, ends) == dict(ends)
     stopped = next(line for line in daemon.logs() if line.get("event") == "stopped")
     # One tick (the final one): each run's stream in the count window and 2 default time windows.
     assert stopped["commits"] >= 1 and stopped["summaries"] == 3 * len(values)

@@ -17,7 +17,7 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
-from daemon_process import DaemonProcess
+from daemon_process import daemon_on
 from kafka_tools import create_topics, read_topic_foreign
 from metricsd.devbroker import DevBroker, free_port
 from metricsd.emitter import Emitter
@@ -83,27 +83,10 @@ def test_a_training_loop_through_the_emitter_reaches_the_daemon(
     few records, all on the run's one partition."""
     topic = topic_name
     create_topics(broker.bootstrap, {topic: PARTITIONS})
-    daemon = DaemonProcess(
-        [
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--input-topic",
-            topic,
-            "--output-topic",
-            f"{topic}.out",
-            "--group-id",
-            f"{topic}-group",
-            "--window",
-            str(STEPS),
-            "--partitions",
-            str(PARTITIONS),
-            "--interval",
-            "1",
-            "--time-window",
-            "0",
-        ],
-        tmp_path / "daemon.log",
-    )
+    daemon = daemon_on(
+        broker.bootstrap, topic, tmp_path / "daemon.log", "--window", str(STEPS), "--interval",
+        "1", "--time-window", "0", partitions=PARTITIONS,
+    )  # fmt: skip
     rng = np.random.default_rng(11)
     seconds: list[float] = []
     losses: list[float] = []

@@ -15,7 +15,7 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
-from daemon_process import DaemonProcess
+from daemon_process import daemon_on
 from kafka_tools import create_topics, read_topic_foreign
 from metricsd.devbroker import DevBroker
 from metricsd.emitter import Emitter
@@ -92,27 +92,10 @@ def test_lightning_step_times_reach_the_daemon_and_match_numpy(
     the logged losses, and run_end "completed"."""
     topic = topic_name
     create_topics(broker.bootstrap, {topic: PARTITIONS})
-    daemon = DaemonProcess(
-        [
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--input-topic",
-            topic,
-            "--output-topic",
-            f"{topic}.out",
-            "--group-id",
-            f"{topic}-group",
-            "--window",
-            str(STEPS),
-            "--partitions",
-            str(PARTITIONS),
-            "--interval",
-            "1",
-            "--time-window",
-            "0",
-        ],
-        tmp_path / "daemon.log",
-    )
+    daemon = daemon_on(
+        broker.bootstrap, topic, tmp_path / "daemon.log", "--window", str(STEPS), "--interval",
+        "1", "--time-window", "0", partitions=PARTITIONS,
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(BATCHES * 16, 8, generator=gen)
     y = (x[:, 0] > 0).long()

@@ -7,16 +7,14 @@ across ticks and at shutdown."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections import defaultdict
 from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from daemon_process import DaemonProcess
-from kafka_tools import create_topics, produce_foreign, read_topic_foreign
+from kafka_tools import committed_offsets, create_topics, produce_foreign, read_topic_foreign
 from metricsd.devbroker import DevBroker
 
 pytestmark = pytest.mark.integration
@@ -81,14 +79,4 @@ def test_oversized_output_never_stops_the_commits(
     for partition, offset in positions:
         ends[partition] = max(ends[partition], offset + 1)
 
-    async def committed() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=broker.bootstrap, group_id=f"{topic}-group", enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            return {p: await consumer.committed(TopicPartition(topic, p)) for p in ends}
-        finally:
-            await consumer.stop()
-
-    assert asyncio.run(committed()) == dict(ends)
+    assert committed_offsets(broker.bootstrap, f"{topic}-group", topic, ends) == dict(ends)
