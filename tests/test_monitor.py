@@ -578,3 +578,24 @@ def test_scalar_names_per_run_are_bounded() -> None:
     assert {r["stream"] for r in records if not r["final"]} == {
         f"scalar/m{i}" for i in range(70 - MAX_SCALARS, 70)
     }
+
+
+def test_an_event_time_far_in_the_future_is_replaced_by_processing_time() -> None:
+    """ts=1e300 (or milliseconds as seconds) would empty the run's time windows for good: more
+    than MAX_FUTURE ahead of now, processing time stands in and the event is counted."""
+    from metricsd.monitor import MAX_FUTURE
+
+    monitor = Monitor(MonitorSettings(window=10, time_windows=(60.0,)))
+    now = 1_764_000_000.0
+    events = [ev(type="batch_time", run_id="r", ts=now - 1, seconds=1.0),
+              ev(type="batch_time", run_id="r", ts=1e300, seconds=2.0),
+              ev(type="batch_time", run_id="r", ts=now * 1000, seconds=3.0),
+              ev(type="batch_time", run_id="r", ts=now + MAX_FUTURE - 1, seconds=4.0)]  # fmt: skip
+    monitor.ingest(events, now=now)
+    assert monitor.future_ts_clamped == 2
+    windows = by_window(monitor.due(now), "r", "batch_time")
+    assert windows["count"]["last_ts"] == now + MAX_FUTURE - 1
+    assert windows["time:60"]["count"] == 1  # only the value at the newest (legal) time
+    monitor.ingest([ev(type="batch_time", run_id="r", ts=1e300, seconds=5.0)], now=now + 10)
+    later = by_window(monitor.due(now + 10), "r", "batch_time")
+    assert later["count"]["count"] == 5

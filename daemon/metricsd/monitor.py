@@ -50,10 +50,13 @@ from metricsd.profiler import Profiler
 from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
-__all__ = ["MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
+__all__ = ["MAX_FUTURE", "MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
 
 # Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
 MAX_SPLITS = 8
+# An event time further ahead of processing time than this is a broken clock (or ts in ms):
+# it would leave its run's time windows empty until real time catches up, so ``now`` replaces it.
+MAX_FUTURE = 86_400.0
 MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
 # Streams per run in each kind group; a new stream beyond it closes the group's oldest one.
 MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
@@ -100,6 +103,7 @@ class Monitor:
         self._removed: dict[tuple[str, str], int] = {}
         self.events_ingested = 0
         self.values_ingested = 0
+        self.future_ts_clamped = 0  # event times beyond now + MAX_FUTURE, replaced by now
         # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
         self._recency = Recency(settings.idle_timeout)
         self._unstamped: list[str] = []
@@ -154,7 +158,12 @@ class Monitor:
             collector = collect.get(type(ev))
             if collector is None:  # pragma: no cover - the decoder yields only the types above
                 raise TypeError(f"not an event: {ev!r}")
-            collector(batch, ev, now if ev.ts is None else ev.ts)
+            ts = ev.ts
+            if ts is None or ts > now + MAX_FUTURE:
+                if ts is not None:
+                    self.future_ts_clamped += 1
+                ts = now
+            collector(batch, ev, ts)
         values += self._flush(batch, partition, now)
         self.events_ingested += len(events)
         self.values_ingested += values

@@ -286,6 +286,7 @@ class Service:
             runs_tracked=self.monitor.runs_tracked,
             runs_evicted=self.monitor.runs_evicted,
             streams_evicted=self.monitor.streams_evicted,
+            future_ts_clamped=self.monitor.future_ts_clamped,
             partitions=len(self.pipeline.assigned),
             consumer_lag=lag,
             last_tick_ms=round(self.pipeline.last_tick_ms, 3),
