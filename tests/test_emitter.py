@@ -8,7 +8,6 @@ the daemon's own ``Decoder``: what the client sends is what the daemon accepts.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import numpy as np
 import orjson
 import pytest
@@ -27,20 +25,9 @@ from metricsd.batching import Encoder, Queue
 from metricsd.config import ConfigError
 from metricsd.emitter import AsyncEmitter, Emitter
 from metricsd.events import Decoder
+from test_schemas import EVENT_TYPES, validator
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-VALIDATORS = {
-    name: jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.schema.json").read_text()))
-    for name in (
-        "batch_time",
-        "prediction",
-        "run_end",
-        "cv_fold",
-        "attention",
-        "features",
-        "scalar",
-    )
-}
+VALIDATORS = {name: validator(name) for name in EVENT_TYPES}
 DECODER = Decoder()
 
 

@@ -36,7 +36,7 @@ from metricsd.events import (
     RunEnd,
     Scalar,
 )
-from test_schemas import INVALID_EVENTS, VALID_EVENTS, validator
+from test_schemas import EVENT_TYPES, INVALID_EVENTS, VALID_EVENTS, validator
 
 DECODER = Decoder()
 EVENT_SCHEMA = validator("event")
@@ -220,17 +220,6 @@ KNOWN_FIELDS = (
     "name",
     "value",
     "rank",
-)
-
-
-EVENT_TYPES = (
-    "batch_time",
-    "prediction",
-    "run_end",
-    "cv_fold",
-    "attention",
-    "features",
-    "scalar",
 )
 
 

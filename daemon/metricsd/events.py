@@ -359,9 +359,7 @@ class Decoder:
         if step is not None:
             step = _index("step", step)
         rank = doc.get("rank")
-        if rank is not None and not (
-            type(rank) in _NUMBER_TYPES and float(rank).is_integer() and 0 <= rank <= _MAX_RANK
-        ):
+        if rank is not None and _index("rank", rank) > _MAX_RANK:
             raise _schema("rank", f"an integer in [0, {_MAX_RANK}] (or null)", rank)
         name = doc.get("name")
         if type(name) is not str or not 0 < len(name) <= _MAX_NAME:

@@ -160,7 +160,6 @@ class Service:
                 await asyncio.wait({task}, timeout=self.settings.shutdown_timeout)
             if not task.done():
                 log.error("loop_stuck_at_stop", timeout=self.settings.shutdown_timeout)
-                self._flushed = False
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
