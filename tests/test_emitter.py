@@ -406,6 +406,9 @@ def test_numpy_and_array_like_inputs_are_copied_once_at_the_call() -> None:
         (lambda em: em.scalar("x", 10**400), ValueError, "float64"),
         (lambda em: em.scalar("x", np.ones((2, 2))), ValueError, "1-D"),
         (lambda em: em.scalars({"a": 1.0, "b": "high"}), TypeError, "numbers"),
+        (lambda em: em.scalars("loss"), TypeError, "mapping"),
+        (lambda em: em.scalar("x", 1 + 2j), TypeError, "complex"),
+        (lambda em: em.scalar("x", np.array(["1.0"])), TypeError, "dtype"),
         (lambda em: em.predictions([0, 1], [0]), ValueError, "y_pred has 1"),
         (lambda em: em.predictions([0, 2], [0, 1]), ValueError, r"\[0, 2\)"),
         (lambda em: em.predictions([0, 0.5], [0, 1]), ValueError, "integers"),
@@ -580,3 +583,105 @@ def test_atexit_flushes_an_emitter_that_was_not_closed(tmp_path: Path) -> None:
     docs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert [d["type"] for d in docs] == ["batch_time", "scalar"]
     assert docs[0]["seconds"] == [0.1 * i for i in range(5)]
+
+
+# ------------------------------------------------------------------ real torch
+def test_real_torch_tensors_are_read_once_at_the_call() -> None:
+    """A loss with autograd history, a 0-d tensor, float32 and int64 tensors: sent with the values
+    they had at the call (a tensor changed in place afterwards does not change what is sent)."""
+    import torch
+
+    sender = FakeSender()
+    em = make(sender)
+    w = torch.tensor([1.5, -2.0], requires_grad=True)
+    loss = (w**2).sum()  # 6.25, requires grad
+    em.scalar("loss", loss, step=torch.tensor(3).item())
+    em.scalar("lr", torch.tensor(1e-3, dtype=torch.float64))
+    logits = torch.tensor([0.1, 0.9, 0.4], dtype=torch.float32)
+    em.features(logits)
+    logits.fill_(-1.0)  # reused by the caller
+    labels = torch.tensor([0, 1, 1])
+    em.predictions(labels, torch.tensor([0, 1, 0]), task="binary")
+    labels[:] = 0
+    em.batch_time(torch.tensor([0.25, 0.5]))
+    em.close()
+    docs = [valid(k, v) for k, v in sender.records]
+    assert sender.user_scalars("loss")[0]["value"] == 6.25
+    assert sender.user_scalars("loss")[0]["step"] == 3
+    assert sender.user_scalars("lr")[0]["value"] == 1e-3
+    features = next(d for d in docs if d["type"] == "features")
+    assert features["values"] == pytest.approx([0.1, 0.9, 0.4], rel=1e-7)
+    prediction = next(d for d in docs if d["type"] == "prediction")
+    assert (prediction["y_true"], prediction["y_pred"]) == ([0, 1, 1], [0, 1, 0])
+    assert sender.docs("batch_time")[0]["seconds"] == [0.25, 0.5]
+    assert w.grad is None  # the emitter did not touch autograd
+
+
+class _Numbers:
+    """A map-style dataset whose items are their index; its workers are forked processes."""
+
+    def __init__(self, em: Emitter, n: int) -> None:
+        self.em, self.n = em, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> float:
+        self.em.scalar("from_worker", float(i))  # in a forked worker: disabled, ignored
+        return float(i)
+
+
+def test_dataloader_workers_forked_from_a_live_emitter_neither_hang_nor_send() -> None:
+    """A real torch DataLoader with 2 forked workers iterated through ``em.timed`` while the
+    emitter's thread runs: every batch arrives, every batch's time is sent by the parent, the
+    workers' calls (their emitter copies are disabled) send nothing and hang nothing."""
+    import multiprocessing
+
+    import torch
+
+    sender = FakeSender()
+    em = make(sender)
+    loader = torch.utils.data.DataLoader(
+        _Numbers(em, 64),
+        batch_size=8,
+        num_workers=2,
+        multiprocessing_context=multiprocessing.get_context("fork"),
+    )
+    start = time.monotonic()
+    seen = [float(x) for batch in em.timed(loader, start=0) for x in batch]
+    assert time.monotonic() - start < 30
+    assert seen == [float(i) for i in range(64)]
+    assert em.close(timeout=10)
+    docs = sender.docs("batch_time")
+    assert sum(len(flat(d["seconds"])) for d in docs) == 8 and docs[-1]["step"] == 7
+    assert sender.user_scalars("from_worker") == []
+
+
+def test_atexit_flush_is_bounded_when_the_broker_never_answers(tmp_path: Path) -> None:
+    """An emitter left open whose sends never complete: the interpreter still exits, after about
+    ``atexit_timeout`` (1 s here), not never."""
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from metricsd.emitter import Emitter
+
+        class Stuck:
+            async def start(self):
+                pass
+            async def send(self, records):
+                await asyncio.sleep(3600)
+            async def stop(self):
+                pass
+
+        em = Emitter("stuck", sender=Stuck(), linger=0.01, heartbeat_interval=0, atexit_timeout=1)
+        em.scalar("loss", 0.5)
+        print("queued", flush=True)
+        """
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0 and proc.stdout == "queued\n", proc.stderr
+    assert 1.0 <= elapsed < 10, elapsed

@@ -101,6 +101,8 @@ class _Parser(argparse.ArgumentParser):
 
     def add_setting(self, setting: Flag, default: Any) -> None:
         option = setting.option
+        # A bool setting given bare (``--train``) means true; ``--train false`` still parses.
+        bare: dict[str, Any] = {"nargs": "?", "const": True} if type(default) is bool else {}
         self.add_argument(
             setting.flag,
             default=argparse.SUPPRESS,  # absent from the namespace unless given: see below
@@ -108,6 +110,7 @@ class _Parser(argparse.ArgumentParser):
             choices=option.choices,
             action="append" if option.combine else "store",
             help=_help(setting, default),
+            **bare,
         )
         self._settings.append((setting, default))
 

@@ -568,6 +568,12 @@ class SimulateSettings:
     )
     duration: float = setting(0.0, "seconds to run; 0 = until stopped")
     seed: int = setting(0, "random seed")
+    train: bool = setting(
+        False,
+        "instead of synthetic events, train small torch models on random data through "
+        "metricsd.Emitter (a real training loop: step times, loss and learning-rate scalars, "
+        "validation predictions); needs torch: pip install 'metricsd[lightning]'",
+    )
     partitions: int = _partitions()
     security: Security = field(default_factory=Security)
 

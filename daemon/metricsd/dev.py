@@ -1,5 +1,9 @@
 """``metricsd dev``: embedded broker, daemon, simulated job and a printer of the summary topic.
 
+``metricsd dev --train`` replaces the simulated job by a real one: small torch models trained on
+random data through ``metricsd.Emitter`` (``metricsd.simulate.train``); without torch it exits 2
+before starting anything, naming the package to install.
+
 The zero-setup demo. The CLI validates its :class:`Settings` and :class:`SimulateSettings` (the
 same as ``run`` and ``simulate``, without broker or security options: the broker is embedded and
 plaintext) and calls :func:`run`, which replaces their bootstrap servers with the embedded
@@ -31,6 +35,8 @@ async def run(
     from metricsd.devbroker import DevBroker
 
     out = sys.stdout if out is None else out
+    if sim.train:
+        simulate.require_torch()  # fail at once, not after the broker has started
     with DevBroker() as broker:
         print(
             f"metricsd dev: embedded Tansu broker on {broker.bootstrap} (pid {broker.pid})",
@@ -45,8 +51,9 @@ async def run(
             asyncio.create_task(simulate.produce(job, sim_stop), name="simulator"),
             asyncio.create_task(_print_summaries(broker.bootstrap, settings, out), name="printer"),
         ]
+        what = "torch training runs (metricsd.Emitter)" if sim.train else "simulated runs"
         print(
-            f"metricsd dev: {sim.runs} simulated runs at {sim.rate:g} steps/s; summaries every "
+            f"metricsd dev: {sim.runs} {what} at {sim.rate:g} steps/s; summaries every "
             f"{settings.interval:g} s from topic {settings.output_topic!r}; Ctrl-C to stop",
             file=out,
         )

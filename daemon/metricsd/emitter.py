@@ -652,6 +652,10 @@ class _Base:
         if not self._on:
             self._ignored += 1
             return
+        if type(values) is not dict and not isinstance(values, Mapping):
+            raise TypeError(
+                f"scalars takes a mapping of name -> value, got {type(values).__name__}"
+            )
         ts = _now()
         self._queue.put_many([self._scalar_item(n, v, step, ts) for n, v in values.items()])
 

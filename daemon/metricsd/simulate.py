@@ -8,11 +8,20 @@ data-loader stall), validation prediction batches every few steps get better as 
 (binary, multiclass or regression, by run), and now and then a cross-validation fold, an attention
 matrix and feature vectors arrive. A run that reaches its step budget sends ``run_end`` and a new
 run takes its place.
+
+``train`` (``--train``) is the real thing instead: small torch models (an MLP learning a random
+linear rule from random inputs, on CPU) trained step by step through ``metricsd.Emitter``, one
+emitter per run: ``with em.step():`` around forward/backward/update (``batch_time``), the loss and
+the learning rate as scalars, validation predictions every 20 steps, ``run_end`` when a run has
+done its steps (a new one takes its place) or the job stops (status ``"stopped"``). It is what a
+user's training script does, and exercises the client end to end. The runs take turns, one step at
+a time, at ``rate`` steps/s in all (at most: a step takes what it takes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,9 +31,9 @@ import orjson
 import structlog
 
 from metricsd import kafka
-from metricsd.config import SimulateSettings
+from metricsd.config import ConfigError, SimulateSettings
 
-__all__ = ["TrainingJob", "produce"]
+__all__ = ["TorchRun", "TrainingJob", "produce", "require_torch", "train"]
 
 log = structlog.get_logger(__name__)
 
@@ -130,7 +139,10 @@ class TrainingJob:
 
 
 async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
-    """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set."""
+    """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set
+    (``settings.train``: :func:`train` instead); the number of steps."""
+    if settings.train:
+        return await train(settings, stop)
     await kafka.ensure_topics(
         settings.bootstrap_servers,
         {settings.input_topic: settings.partitions},
@@ -175,3 +187,131 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
         await producer.stop()
     log.info("simulation_done", steps=sent)
     return sent
+
+
+# --------------------------------------------------------------------------- a real training loop
+TORCH_MISSING = (
+    "--train needs torch, which is not installed: pip install 'metricsd[lightning]' "
+    "(or the CPU build alone: pip install torch==2.13.0)"
+)
+
+
+def require_torch() -> Any:
+    """The ``torch`` module, or a :class:`ConfigError` saying how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(TORCH_MISSING) from None
+    return torch
+
+
+class TorchRun:
+    """One real training run on CPU: a 16-32-1 MLP learning the sign of a random linear function
+    of random inputs (binary cross-entropy, SGD with momentum, cosine learning-rate decay), every
+    call going through ``emitter``. ``step()`` trains one batch of 64."""
+
+    INPUTS, HIDDEN, BATCH, VALIDATE_EVERY = 16, 32, 64, 20
+
+    def __init__(self, torch: Any, emitter: Any, seed: int, *, steps: int = 300) -> None:
+        self.torch = torch
+        self.emitter = emitter
+        self.steps = steps
+        self.step_index = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the weights' initialisation
+        self.rule = torch.randn(self.INPUTS, generator=self.gen)
+        nn = torch.nn
+        self.model = nn.Sequential(
+            nn.Linear(self.INPUTS, self.HIDDEN), nn.ReLU(), nn.Linear(self.HIDDEN, 1)
+        )
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.2, momentum=0.9)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=steps)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.val_x = torch.randn(256, self.INPUTS, generator=self.gen)
+        self.val_y = (self.val_x @ self.rule > 0).long()
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.steps
+
+    def step(self) -> None:
+        torch, em, step = self.torch, self.emitter, self.step_index
+        x = torch.randn(self.BATCH, self.INPUTS, generator=self.gen)
+        y = (x @ self.rule > 0).float()
+        with em.step(step):  # batch_time: forward, backward, update
+            loss = self.loss_fn(self.model(x).squeeze(1), y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+        em.scalars({"loss": loss.detach(), "learning_rate": self.schedule.get_last_lr()[0]}, step)
+        self.schedule.step()
+        self.step_index += 1
+        if step % self.VALIDATE_EVERY == 0 or self.done:
+            with torch.no_grad():
+                predicted = (self.model(self.val_x).squeeze(1) > 0).long()
+            em.predictions(self.val_y, predicted, task="binary", split="val")
+
+
+def _train_loop(settings: SimulateSettings, stop: threading.Event) -> int:
+    """The training thread: runs take turns until ``stop`` or ``duration``; steps trained."""
+    from metricsd.emitter import Emitter
+
+    torch = require_torch()
+    torch.set_num_threads(1)  # a demo next to the daemon on a small machine
+    rng = np.random.default_rng(settings.seed)
+    counter = iter(range(2**62))
+
+    def new_run() -> TorchRun:
+        emitter = Emitter(
+            f"train-{settings.seed}-{next(counter)}",
+            bootstrap_servers=settings.bootstrap_servers,
+            topic=settings.input_topic,
+            security=settings.security,
+            heartbeat_interval=2.0,
+        )
+        return TorchRun(torch, emitter, int(rng.integers(2**31)))
+
+    runs = [new_run() for _ in range(settings.runs)]
+    steps = 0
+    start = time.monotonic()
+    try:
+        while not stop.is_set():
+            elapsed = time.monotonic() - start
+            if settings.duration and elapsed >= settings.duration:
+                break
+            if steps >= settings.rate * elapsed:  # ahead of the rate: wait for the next step
+                stop.wait((steps + 1) / settings.rate - elapsed)
+                continue
+            i = steps % len(runs)
+            runs[i].step()
+            steps += 1
+            if runs[i].done:
+                runs[i].emitter.close("completed")
+                runs[i] = new_run()
+    finally:
+        for run in runs:
+            run.emitter.close("stopped")
+    return steps
+
+
+async def train(settings: SimulateSettings, stop: asyncio.Event) -> int:
+    """Train at most ``settings.rate`` steps/s (see the module doc) until ``duration`` passes or
+    ``stop`` is set; the number of steps trained. Without torch: :class:`ConfigError`."""
+    require_torch()
+    await kafka.ensure_topics(
+        settings.bootstrap_servers,
+        {settings.input_topic: settings.partitions},
+        security=settings.security,
+    )
+    halt = threading.Event()
+    loop_task = asyncio.create_task(asyncio.to_thread(_train_loop, settings, halt))
+    waiter = asyncio.create_task(stop.wait())
+    log.info("training", runs=settings.runs, rate=settings.rate, topic=settings.input_topic)
+    try:
+        await asyncio.wait([loop_task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.set()
+        waiter.cancel()
+    steps = await loop_task
+    log.info("training_done", steps=steps)
+    return steps
