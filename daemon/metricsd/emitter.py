@@ -153,6 +153,12 @@ class KafkaSender:
     async def start(self) -> None:
         from metricsd import kafka
 
+        # aiokafka logs every failed reconnect at ERROR; with logging left unconfigured Python's
+        # last-resort handler would print each one on the training script's stderr. A NullHandler
+        # keeps it quiet there and changes nothing once the user configures logging.
+        aiokafka_log = logging.getLogger("aiokafka")
+        if not any(isinstance(h, logging.NullHandler) for h in aiokafka_log.handlers):
+            aiokafka_log.addHandler(logging.NullHandler())
         producer = kafka.producer(self.bootstrap_servers, security=self.security, **self.options)
         try:
             await producer.start()
