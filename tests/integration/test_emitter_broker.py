@@ -219,8 +219,9 @@ def test_broker_cut_mid_run_costs_the_loop_nothing_and_the_drops_reach_the_summa
     """A training loop of 1 ms steps (batch_time + 3 scalars each) keeps going while every
     connection to the broker is cut for 3 s: its median step time stays that of the steps before
     the cut (within 10%), the emitter's queue (2,000 calls, 0.5 s of them) overflows and counts
-    what it dropped, and once the broker is back the daemon's summary of the run's ``emitter/dropped`` scalar reports that
-    count (its max, in the final summary), while batch_time's total shows the steps missing."""
+    what it dropped, and once the broker is back the daemon's summary of the run's
+    ``emitter/dropped`` scalar reports that count (its max, in the final summary), while
+    batch_time's total shows the steps missing."""
     proxy_port = free_port()
     broker = DevBroker(advertised=f"127.0.0.1:{proxy_port}", log_path=tmp_path / "tansu.log")
     broker.start()
