@@ -18,7 +18,11 @@ listens: the thread retries the connection and the queue drops). Per repetition:
 of each mode and the inflation ``mean(mode) / mean(no emitter) - 1``; the figures are the medians
 over repetitions.
 
-It can be registered in ``bench.run`` as ``"emitter": emitter.run`` (same signature as the others).
+**Coalescing**: records that reached the broker per 1,000 steps with the broker up; at 1 ms steps
+that is records per second per run, against the 4,000 calls per second the loop made.
+
+Registered in ``bench.run`` as ``emitter``; its targets (scalar call median ≤ 2 µs and p99 ≤ 20 µs,
+inflation ≤ 1% with the broker up and down) are checked there.
 """
 
 from __future__ import annotations

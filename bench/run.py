@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, latency, memory, tick
+from bench import emitter, ingest, latency, memory, tick
 from bench.common import REPO, Figure, Sizes, Target, machine
 
 __all__ = ["main", "render", "targets"]
@@ -28,6 +28,7 @@ _BENCHES: dict[str, Callable[[Sizes, Callable[[str], None]], list[Figure]]] = {
     "profiler": tick.run_profiler,
     "latency": latency.run,
     "memory": memory.run,
+    "emitter": emitter.run,
 }
 
 
@@ -113,7 +114,34 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
             None,
             "ms",
         ),
+        Target(
+            "emitter: scalar() call median ≤ 2 µs",
+            _find(figures, "emitter", "scalar() call, median"),
+            "<=",
+            2000.0,
+            None,
+            "ns",
+        ),
+        Target(
+            "emitter: scalar() call p99 ≤ 20 µs",
+            _find(figures, "emitter", "scalar() call, p99"),
+            "<=",
+            20_000.0,
+            None,
+            "ns",
+        ),
     ]
+    for mode in ("up", "down"):
+        result.append(
+            Target(
+                f"emitter: 1 ms step inflated ≤ 1%, broker {mode}",
+                _find(figures, "emitter", f"step-time inflation, broker {mode}"),
+                "<=",
+                1.0,
+                None,
+                "%",
+            )
+        )
     return result
 
 
