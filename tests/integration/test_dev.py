@@ -76,11 +76,26 @@ class Lines:
         self._proc = proc
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        self._err: list[str] = []  # drained from the start, so a full pipe never blocks the child
+        self._err_thread = threading.Thread(target=self._read_err, daemon=True)
+        self._err_thread.start()
 
     def _read(self) -> None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             self.lines.append(line)
+
+    def _read_err(self) -> None:
+        if self._proc.stderr is not None:
+            self._err.extend(self._proc.stderr)
+
+    def wait(self, timeout: float) -> str:
+        """Wait for the child to exit; its whole stderr. (Not ``communicate``, which would also
+        read stdout and race this reader for the last lines.)"""
+        self._proc.wait(timeout)
+        self._err_thread.join(10)
+        self.join()
+        return "".join(self._err)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout
@@ -126,7 +141,7 @@ def test_dev_train_runs_a_real_loop_and_the_readme_example_shows_up(tmp_path: Pa
         )  # fmt: skip
         assert example.returncode == 0, example.stderr[-3000:]
         out.wait_for(r"^\[my-first-run scalar/loss n=64 seq=\d+ FINAL\]", 15)
-        stderr = proc.communicate(timeout=60)[1]
+        stderr = out.wait(timeout=60)
     finally:
         proc.kill()
         out.join()
