@@ -15,4 +15,10 @@ if ! python3 -m venv .venv; then
     exit 1
 fi
 .venv/bin/pip install -q -e '.[dev]'
-exec .venv/bin/python -m pytest "$@"
+# Two workers, each taking whole test files (a file's tests share its broker fixture); set
+# METRICSD_TEST_WORKERS=0 to run in one process (e.g. to debug with -s or --pdb).
+workers="${METRICSD_TEST_WORKERS:-2}"
+if [ "$workers" = "0" ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
