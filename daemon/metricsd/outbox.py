@@ -8,6 +8,11 @@ sent again by :meth:`Outbox.retry` at the next tick; until then :meth:`Outbox.se
 ``False`` and the commit waits. A send that can never succeed (record too large, invalid topic:
 ``kafka.PERMANENT_ERRORS``) is counted, logged with its size and stepped over: one such record
 must not hold back every later commit.
+
+Every record is sized before it is sent (``kafka.record_size`` against the topic's
+:class:`~metricsd.topics.MessageLimits`): one that cannot fit is dropped the same way without being
+sent. Callers make their records fit first (``records.fit_summary``, the dead-letter caps), so
+this is the last guard, not the normal path.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Protocol
 import structlog
 
 from metricsd import kafka
+from metricsd.topics import MessageLimits
 
 __all__ = ["Outbox", "Producer", "Send"]
 
@@ -31,6 +37,7 @@ class Send:
     key: bytes | None
     value: bytes | None
     partition: int | None = None
+    ident: str | None = None  # what the record is (a summary id), for the log lines
 
 
 class Producer(Protocol):
@@ -46,8 +53,9 @@ class Producer(Protocol):
 
 
 class Outbox:
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, limits: MessageLimits | None = None) -> None:
         self._producer = producer
+        self.limits = limits or MessageLimits()
         self._failed: list[Send] = []  # to send again, in order
         self._in_flight: list[tuple[Send, asyncio.Future[Any]]] = []
         self.failures = 0  # sends that failed and were kept for retry
@@ -59,9 +67,22 @@ class Outbox:
         return len(self._failed) + len(self._in_flight)
 
     async def send(
-        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        *,
+        ident: str | None = None,
     ) -> None:
-        await self._send(Send(topic, key, value, partition))
+        """Send one record (``ident`` names it in the log lines if it fails or is dropped)."""
+        item = Send(topic, key, value, partition, ident)
+        size = kafka.record_size(key, value)
+        limit = self.limits.of(topic)
+        if size > limit:
+            self._drop(item, f"the record is {size} bytes, over the topic's limit of {limit}")
+            return
+        await self._send(item)
 
     async def retry(self) -> None:
         """Send again, in their order, the records whose earlier send failed."""
@@ -84,7 +105,12 @@ class Outbox:
             if retry:
                 self._failed += [item for item, _ in retry]
                 self.failures += len(retry)
-                log.error("publish_failed", records=len(retry), error=str(retry[0][1]))
+                log.error(
+                    "publish_failed",
+                    records=len(retry),
+                    id=retry[0][0].ident,
+                    error=f"{type(retry[0][1]).__name__}: {retry[0][1]}",
+                )
         return not self._failed
 
     async def _send(self, item: Send) -> None:
@@ -96,19 +122,28 @@ class Outbox:
             if not self._permanent(item, exc):
                 self._failed.append(item)
                 self.failures += 1
-                log.error("publish_failed", topic=item.topic, error=str(exc))
+                log.error(
+                    "publish_failed",
+                    topic=item.topic,
+                    id=item.ident,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             return
         self._in_flight.append((item, future))
 
     def _permanent(self, item: Send, exc: BaseException) -> bool:
         if not isinstance(exc, kafka.PERMANENT_ERRORS):
             return False
+        self._drop(item, f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _drop(self, item: Send, error: str) -> None:
         self.dropped += 1
         log.error(
             "publish_dropped",
             topic=item.topic,
+            id=item.ident,
             key_bytes=len(item.key or b""),
             value_bytes=len(item.value or b""),
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
         )
-        return True

@@ -29,8 +29,8 @@ from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, dead_letter_key, encode
-from metricsd.topics import Topics
+from metricsd.records import dead_letter, dead_letter_key, encode, fit_summary
+from metricsd.topics import MessageLimits, Topics
 
 __all__ = ["Counters", "Pipeline"]
 
@@ -50,6 +50,7 @@ class Counters:
     commits: int = 0
     ticks: int = 0
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
+    reduced: Counter[str] = field(default_factory=Counter)  # summaries reduced to fit, by form
 
 
 class Pipeline:
@@ -78,9 +79,10 @@ class Pipeline:
         self._topics: Topics | None = None
         self._consumer: Any = None
 
-    def use_producer(self, producer: Any) -> None:
-        """The started producer: every record goes out through one outbox."""
-        self._outbox = Outbox(producer)
+    def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
+        """The started producer: every record goes out through one outbox, sized against
+        ``limits`` (the producer's own limit for every topic if None)."""
+        self._outbox = Outbox(producer, limits)
         self._topics = Topics(self.settings, producer)
 
     def use_consumer(self, consumer: Any) -> None:
@@ -196,11 +198,33 @@ class Pipeline:
             )
 
     async def _publish_summaries(self, records: list[dict[str, Any]]) -> None:
-        """Send summary records to the output topic, keyed by run (acked in ``Outbox.settle``)."""
+        """Send summary records to the output topic, keyed by run (acked in ``Outbox.settle``),
+        each made to fit the topic's limit (``records.fit_summary``)."""
         output = self.settings.output_topic
+        limit = self.outbox.limits.of(output)
         for record in records:
-            await self.outbox.send(output, record["run_id"].encode(), encode(record))
+            key = record["run_id"].encode()
+            # What the value may take: the limit less the batch and record overhead with this
+            # key, and 5 bytes for the value's length prefix.
+            room = limit - kafka.record_size(key, b"") - 5
+            value, form = fit_summary(record, room)
+            if form is not None:
+                self._reduced(record, form, len(value), room)
+            await self.outbox.send(output, key, value, ident=record["id"])
         self.counters.summaries += len(records)
+
+    def _reduced(self, record: dict[str, Any], form: str, size: int, room: int) -> None:
+        self.counters.reduced[form] += 1
+        suppressed = self._warnings.allow(f"summary_reduced:{form}")
+        if suppressed is not None:
+            log.warning(
+                "summary_reduced",
+                id=record["id"],
+                form=form,
+                value_bytes=size,
+                limit_bytes=room,
+                suppressed=suppressed,
+            )
 
     # -- tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
