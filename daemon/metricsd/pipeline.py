@@ -305,18 +305,33 @@ class Pipeline:
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def assign(self, assigned: set[kafka.TopicPartition]) -> None:
-        """Restore the window state of ``assigned`` before any of their records is fetched."""
-        async with self._lock:
-            self.assigned |= assigned
-            self.changelog.assign(tp.partition for tp in assigned)
-            if self.settings.changelog and assigned:
-                try:
-                    await self._restore(assigned)
-                except Exception as exc:
-                    # Consuming without the state would count events twice or lose windows:
-                    # stop instead, loudly; the next start (or the next owner) restores again.
-                    log.error("state_restore_failed", error=repr(exc))
-                    self.fatal = exc
+        """Restore the window state of ``assigned`` before any of their records is ingested.
+
+        aiokafka starts fetching a newly assigned partition, from its committed offset, while
+        this callback is still running, and ``getmany`` hands those records to the loop: a
+        restore that takes longer than a fetch (a long changelog, a slow fence) would see them
+        ingested before its rows and its seek, and a commit held behind the checkpoint made them
+        count twice (evicted runs came back as ghosts). So the partitions stay paused (nothing
+        of theirs is fetched or returned) until the restore has sought them to the checkpoint.
+        """
+        restoring = self.settings.changelog and bool(assigned)
+        if restoring:
+            self._consumer.pause(*assigned)  # before the first await: no record slips through
+        try:
+            async with self._lock:
+                self.assigned |= assigned
+                self.changelog.assign(tp.partition for tp in assigned)
+                if restoring:
+                    try:
+                        await self._restore(assigned)
+                    except Exception as exc:
+                        # Consuming without the state would count events twice or lose windows:
+                        # stop instead, loudly; the next start (or the next owner) restores again.
+                        log.error("state_restore_failed", error=repr(exc))
+                        self.fatal = exc
+        finally:
+            if restoring and self.fatal is None:
+                self._consumer.resume(*assigned)
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:
