@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from metricsd import kafka
 from metricsd.outbox import Outbox
+from metricsd.topics import MessageLimits
+from structlog.testing import capture_logs
 
 
 class FakeProducer:
@@ -108,3 +110,38 @@ def test_a_permanent_error_on_the_ack_is_dropped_too() -> None:
         assert (outbox.dropped, outbox.failures, outbox.pending) == (1, 0, 0)
 
     run(go())
+
+
+def test_a_record_over_its_topics_limit_is_dropped_before_it_is_sent() -> None:
+    """Sized before sending: over the topic's limit (kafka.record_size, the producer's own
+    measure) it never reaches the producer, is counted and logged with its id; exactly at the
+    limit it is sent; another topic keeps the producer's limit."""
+
+    async def go() -> None:
+        producer = FakeProducer()
+        fits = kafka.record_size(b"k", b"x" * 100)
+        outbox = Outbox(producer, MessageLimits(topics={"small": fits}))
+        with capture_logs() as logs:
+            await outbox.send("small", b"k", b"x" * 101, ident="r|batch_time|count:10|0")
+            await outbox.send("small", b"k", b"x" * 100)
+            await outbox.send("other", b"k", b"x" * 10_000)
+        assert await outbox.settle()
+        assert (outbox.dropped, outbox.failures) == (1, 0)
+        assert [(t, len(v or b"")) for t, _, v, _ in producer.accepted] == [
+            ("small", 100),
+            ("other", 10_000),
+        ]
+        (dropped,) = [e for e in logs if e["event"] == "publish_dropped"]
+        assert dropped["id"] == "r|batch_time|count:10|0" and dropped["value_bytes"] == 101
+        assert f"limit of {fits}" in dropped["error"]
+
+    run(go())
+
+
+def test_message_limits_take_the_smaller_of_producer_and_topic() -> None:
+    """A topic's max.message.bytes counts only when below the producer's max_request_size; the
+    smallest limit over all topics bounds the producer's batches."""
+    limits = MessageLimits(producer=1000, topics={"a": 500, "b": 5000})
+    assert (limits.of("a"), limits.of("b"), limits.of("unknown")) == (500, 1000, 1000)
+    assert limits.smallest == 500
+    assert MessageLimits().of("t") == kafka.MAX_REQUEST_SIZE == MessageLimits().smallest
