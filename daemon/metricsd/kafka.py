@@ -26,6 +26,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
+    BrokerResponseError,
     IllegalSaslStateError,
     InvalidTopicError,
     KafkaConnectionError,
@@ -60,6 +61,7 @@ __all__ = [
     "max_message_bytes",
     "producer",
     "record_size",
+    "refused",
 ]
 
 log = structlog.get_logger(__name__)
@@ -82,6 +84,14 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
 MAX_REQUEST_SIZE = 1_048_576
 #: The producer's ``max_batch_size`` when every topic allows at least that much.
 _MAX_BATCH_SIZE = 256 * 1024
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker refusing a record with an error it calls non-retriable (an
+    error response, not a timeout or a lost connection): a schema or policy refusal, missing
+    authorisation, Tansu's "unknown error" for a record its schema registry rejects. The
+    ``PERMANENT_ERRORS`` are refusals too, but checked first."""
+    return isinstance(exc, BrokerResponseError) and not exc.retriable
 
 
 def record_size(key: bytes | None, value: bytes | None) -> int:

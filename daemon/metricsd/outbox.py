@@ -7,7 +7,12 @@ fails for a reason a retry can fix (timeout, leader change, broker away) is kept
 sent again by :meth:`Outbox.retry` at the next tick; until then :meth:`Outbox.settle` reports
 ``False`` and the commit waits. A send that can never succeed (record too large, invalid topic:
 ``kafka.PERMANENT_ERRORS``) is counted, logged with its size and stepped over: one such record
-must not hold back every later commit.
+must not hold back every later commit. Between the two, a record the broker itself refuses with
+an error it calls non-retriable (``kafka.refused``: a schema or policy refusal, an authorisation
+error, Tansu's "unknown error") is retried like a transient failure, in case the broker changes
+its mind, but only for ``refusal_grace`` seconds (default ``REFUSAL_GRACE``, 60 s) of refusals in
+a row: then it is dropped like a permanent one, and the commit moves on. An outage (timeouts,
+lost connections) is never cut short: those records are retried until they are acknowledged.
 
 Every record is sized before it is sent (``kafka.record_size`` against the topic's
 :class:`~metricsd.topics.MessageLimits`): one that cannot fit is dropped the same way without being
@@ -18,17 +23,23 @@ this is the last guard, not the normal path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
 from metricsd import kafka
 from metricsd.topics import MessageLimits
 
-__all__ = ["Outbox", "Producer", "Send"]
+__all__ = ["REFUSAL_GRACE", "Outbox", "Producer", "Send"]
 
 log = structlog.get_logger(__name__)
+
+#: Seconds a record the broker keeps refusing (``kafka.refused``) is retried before it is dropped.
+REFUSAL_GRACE: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +49,7 @@ class Send:
     value: bytes | None
     partition: int | None = None
     ident: str | None = None  # what the record is (a summary id), for the log lines
+    refused_since: float | None = None  # clock time of the first of the refusals in a row
 
 
 class Producer(Protocol):
@@ -53,9 +65,18 @@ class Producer(Protocol):
 
 
 class Outbox:
-    def __init__(self, producer: Producer, limits: MessageLimits | None = None) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        limits: MessageLimits | None = None,
+        *,
+        refusal_grace: float = REFUSAL_GRACE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._producer = producer
         self.limits = limits or MessageLimits()
+        self._grace = refusal_grace
+        self._clock = clock
         self._failed: list[Send] = []  # to send again, in order
         self._in_flight: list[tuple[Send, asyncio.Future[Any]]] = []
         self.failures = 0  # sends that failed and were kept for retry
@@ -101,7 +122,7 @@ class Outbox:
                 for (item, _), r in zip(in_flight, results, strict=True)
                 if isinstance(r, BaseException)
             ]
-            retry = [(item, exc) for item, exc in errors if not self._permanent(item, exc)]
+            retry = [(kept, exc) for item, exc in errors if (kept := self._keep(item, exc))]
             if retry:
                 self._failed += [item for item, _ in retry]
                 self.failures += len(retry)
@@ -119,8 +140,9 @@ class Outbox:
                 item.topic, item.value, key=item.key, partition=item.partition
             )
         except kafka.KafkaError as exc:
-            if not self._permanent(item, exc):
-                self._failed.append(item)
+            kept = self._keep(item, exc)
+            if kept is not None:
+                self._failed.append(kept)
                 self.failures += 1
                 log.error(
                     "publish_failed",
@@ -131,11 +153,21 @@ class Outbox:
             return
         self._in_flight.append((item, future))
 
-    def _permanent(self, item: Send, exc: BaseException) -> bool:
-        if not isinstance(exc, kafka.PERMANENT_ERRORS):
-            return False
-        self._drop(item, f"{type(exc).__name__}: {exc}")
-        return True
+    def _keep(self, item: Send, exc: BaseException) -> Send | None:
+        """What to retry after ``item`` failed with ``exc``, or None once it is dropped: at once
+        for a permanent error, after ``refusal_grace`` seconds of broker refusals in a row."""
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, kafka.PERMANENT_ERRORS):
+            self._drop(item, error)
+            return None
+        if not kafka.refused(exc):
+            return dataclasses.replace(item, refused_since=None)
+        now = self._clock()
+        since = now if item.refused_since is None else item.refused_since
+        if now - since >= self._grace:
+            self._drop(item, f"refused by the broker for {now - since:.0f} s: {error}")
+            return None
+        return dataclasses.replace(item, refused_since=since)
 
     def _drop(self, item: Send, error: str) -> None:
         self.dropped += 1
