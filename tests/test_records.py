@@ -12,13 +12,17 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from metricsd import kafka
 from metricsd.config import MonitorSettings
 from metricsd.events import Decoder, InvalidEvent
 from metricsd.monitor import Monitor
 from metricsd.profiler import Profiler
 from metricsd.records import (
+    DEAD_LETTER_KEY_BYTES,
+    DEAD_LETTER_VALUE_BYTES,
     TOP_LABELS,
     dead_letter,
+    dead_letter_caps,
     dead_letter_key,
     encode,
     fit_summary,
@@ -158,6 +162,26 @@ def test_profile_record_fits_the_schema() -> None:
     PROFILE_SCHEMA.validate(orjson.loads(encode(record)))
     assert record["instance"] == "host-1" and record["emitted_at"] == 12.5
     assert record["ticks"] == 3
+
+
+@pytest.mark.parametrize("limit", [1_048_576, 1_048_588, 200_000, 50_000, 8_192])
+def test_a_dead_letter_fits_its_topics_limit_with_the_caps_derived_from_it(limit: int) -> None:
+    """``dead_letter_caps(limit)``: a dead letter of a 10 MB key and value, with its Kafka key,
+    stays within ``limit`` as the producer measures it; Kafka's 1 MiB gives the documented
+    defaults."""
+    key, value = b"k" * 10_000_000, b"\xff" * 10_000_000
+    with pytest.raises(InvalidEvent) as info:
+        DECODER.decode(key, value)
+    max_value, max_key = dead_letter_caps(limit)
+    record = dead_letter(
+        info.value, topic="t" * 249, partition=2**31 - 1, offset=2**63 - 1,
+        timestamp_ms=2**63 - 1, key=key, value=value, emitted_at=1e12,
+        max_value_bytes=max_value, max_key_bytes=max_key,
+    )  # fmt: skip
+    assert kafka.record_size(dead_letter_key(key), encode(record)) <= limit
+    assert record["value_truncated"] and record["key_truncated"] and max_value > 0
+    if limit >= 1_048_576:
+        assert (max_value, max_key) == (DEAD_LETTER_VALUE_BYTES, DEAD_LETTER_KEY_BYTES)
 
 
 # -- summaries made to fit the output topic ---------------------------------------------------

@@ -29,7 +29,7 @@ from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, dead_letter_key, encode, fit_summary
+from metricsd.records import dead_letter, dead_letter_caps, dead_letter_key, encode, fit_summary
 from metricsd.topics import MessageLimits, Topics
 
 __all__ = ["Counters", "Pipeline"]
@@ -78,12 +78,16 @@ class Pipeline:
         self._outbox: Outbox | None = None
         self._topics: Topics | None = None
         self._consumer: Any = None
+        self._letter_caps = dead_letter_caps(kafka.MAX_REQUEST_SIZE)  # (value, key) copy limits
 
     def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
         """The started producer: every record goes out through one outbox, sized against
         ``limits`` (the producer's own limit for every topic if None)."""
         self._outbox = Outbox(producer, limits)
         self._topics = Topics(self.settings, producer)
+        self._letter_caps = dead_letter_caps(
+            self._outbox.limits.of(self.settings.dead_letter_topic)
+        )
 
     def use_consumer(self, consumer: Any) -> None:
         """The group consumer: commits and the seeks of a restore."""
@@ -181,6 +185,8 @@ class Pipeline:
             key=record.key,
             value=record.value,
             emitted_at=now,
+            max_value_bytes=self._letter_caps[0],
+            max_key_bytes=self._letter_caps[1],
         )
         await self.outbox.send(
             self.settings.dead_letter_topic, dead_letter_key(record.key), encode(body)

@@ -44,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TOP_LABELS",
     "dead_letter",
+    "dead_letter_caps",
     "dead_letter_key",
     "encode",
     "fit_summary",
@@ -60,6 +61,9 @@ SCHEMA_VERSION: Final = 1
 DEAD_LETTER_VALUE_BYTES: Final = 700_000
 DEAD_LETTER_KEY_BYTES: Final = 16_384
 _DEAD_LETTER_KAFKA_KEY_BYTES: Final = 1_024
+# Room for everything in a dead letter but the two copies: the Kafka key, the batch overhead, the
+# other fields (reason, detail, topic...; well under 2 kB).
+_DEAD_LETTER_RESERVE: Final = 4_096
 
 _ENCODE_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 
@@ -122,6 +126,16 @@ def dead_letter(
         "key_truncated": key_truncated,
         "emitted_at": emitted_at,
     }
+
+
+def dead_letter_caps(record_limit: int) -> tuple[int, int]:
+    """``(max_value_bytes, max_key_bytes)`` for ``dead_letter`` so that a dead letter fits a
+    topic taking records of ``record_limit`` bytes: the defaults (700,000 and 16,384) for
+    Kafka's 1 MiB, less for a topic with a smaller ``max.message.bytes`` (the key copy at most a
+    quarter of what the base64 copies may take, the value the rest)."""
+    raw = max(0, record_limit - _DEAD_LETTER_RESERVE) * 3 // 4  # base64: 4 bytes per 3
+    key = min(DEAD_LETTER_KEY_BYTES, raw // 4)
+    return min(DEAD_LETTER_VALUE_BYTES, raw - key), key
 
 
 def dead_letter_key(key: bytes | None) -> bytes | None:
