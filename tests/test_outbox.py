@@ -201,3 +201,27 @@ def test_an_outage_is_never_cut_short() -> None:
         assert [v for _, _, v, _ in producer.accepted] == [b"v"]
 
     run(go())
+
+
+def test_refusals_on_a_keep_trying_topic_are_never_dropped() -> None:
+    """The changelog's records are retried however long the broker refuses them: a dropped row
+    would be covered by the next checkpoint all the same."""
+
+    async def go() -> None:
+        now = [0.0]
+        producer = FakeProducer()
+        outbox = Outbox(producer, refusal_grace=1.0, keep_trying=["state"], clock=lambda: now[0])
+        producer.fail_acks = UnknownError()
+        await outbox.send("state", b"k", b"row", 0)
+        await outbox.send("out", b"k", b"summary")
+        for t in (0.0, 5.0):
+            now[0] = t
+            await outbox.retry()
+            assert not await outbox.settle()
+        assert outbox.dropped == 1 and outbox.pending == 1  # the summary went, the row stays
+        producer.fail_acks = None
+        await outbox.retry()
+        assert await outbox.settle()
+        assert [(t, v) for t, _, v, _ in producer.accepted] == [("state", b"row")]
+
+    run(go())

@@ -12,7 +12,9 @@ an error it calls non-retriable (``kafka.refused``: a schema or policy refusal, 
 error, Tansu's "unknown error") is retried like a transient failure, in case the broker changes
 its mind, but only for ``refusal_grace`` seconds (default ``REFUSAL_GRACE``, 60 s) of refusals in
 a row: then it is dropped like a permanent one, and the commit moves on. An outage (timeouts,
-lost connections) is never cut short: those records are retried until they are acknowledged.
+lost connections) is never cut short: those records are retried until they are acknowledged; nor
+is a refusal on a topic in ``keep_trying`` (the changelog: a dropped row record would leave a
+window that the checkpoint after it says is complete, so there correctness wins over progress).
 
 Every record is sized before it is sent (``kafka.record_size`` against the topic's
 :class:`~metricsd.topics.MessageLimits`): one that cannot fit is dropped the same way without being
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -71,11 +73,13 @@ class Outbox:
         limits: MessageLimits | None = None,
         *,
         refusal_grace: float = REFUSAL_GRACE,
+        keep_trying: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._producer = producer
         self.limits = limits or MessageLimits()
         self._grace = refusal_grace
+        self._keep_trying = frozenset(keep_trying)
         self._clock = clock
         self._failed: list[Send] = []  # to send again, in order
         self._in_flight: list[tuple[Send, asyncio.Future[Any]]] = []
@@ -160,7 +164,7 @@ class Outbox:
         if isinstance(exc, kafka.PERMANENT_ERRORS):
             self._drop(item, error)
             return None
-        if not kafka.refused(exc):
+        if not kafka.refused(exc) or item.topic in self._keep_trying:
             return dataclasses.replace(item, refused_since=None)
         now = self._clock()
         since = now if item.refused_since is None else item.refused_since

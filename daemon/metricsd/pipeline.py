@@ -83,7 +83,7 @@ class Pipeline:
     def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
         """The started producer: every record goes out through one outbox, sized against
         ``limits`` (the producer's own limit for every topic if None)."""
-        self._outbox = Outbox(producer, limits)
+        self._outbox = Outbox(producer, limits, keep_trying=[self.settings.state_topic])
         self._topics = Topics(self.settings, producer)
         self._letter_caps = dead_letter_caps(
             self._outbox.limits.of(self.settings.dead_letter_topic)
