@@ -1,4 +1,5 @@
-"""metricsd.records: encode never emits NaN or inf; dead letters and profiles fit the schemas."""
+"""metricsd.records: encode never emits NaN or inf; dead letters and profiles fit the schemas;
+summaries too large for the topic are reduced exactly as documented (sklearn as the oracle)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,24 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from metricsd import kafka
+from metricsd.config import MonitorSettings
 from metricsd.events import Decoder, InvalidEvent
+from metricsd.monitor import Monitor
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, dead_letter_key, encode, profile_record
+from metricsd.records import (
+    DEAD_LETTER_KEY_BYTES,
+    DEAD_LETTER_VALUE_BYTES,
+    TOP_LABELS,
+    dead_letter,
+    dead_letter_caps,
+    dead_letter_key,
+    encode,
+    fit_summary,
+    profile_record,
+    sparse_confusion,
+)
+from sklearn import metrics as skm
 from test_schemas import validator
 
 DECODER = Decoder()
@@ -146,3 +162,136 @@ def test_profile_record_fits_the_schema() -> None:
     PROFILE_SCHEMA.validate(orjson.loads(encode(record)))
     assert record["instance"] == "host-1" and record["emitted_at"] == 12.5
     assert record["ticks"] == 3
+
+
+@pytest.mark.parametrize("limit", [1_048_576, 1_048_588, 200_000, 50_000, 8_192])
+def test_a_dead_letter_fits_its_topics_limit_with_the_caps_derived_from_it(limit: int) -> None:
+    """``dead_letter_caps(limit)``: a dead letter of a 10 MB key and value, with its Kafka key,
+    stays within ``limit`` as the producer measures it; Kafka's 1 MiB gives the documented
+    defaults."""
+    key, value = b"k" * 10_000_000, b"\xff" * 10_000_000
+    with pytest.raises(InvalidEvent) as info:
+        DECODER.decode(key, value)
+    max_value, max_key = dead_letter_caps(limit)
+    record = dead_letter(
+        info.value, topic="t" * 249, partition=2**31 - 1, offset=2**63 - 1,
+        timestamp_ms=2**63 - 1, key=key, value=value, emitted_at=1e12,
+        max_value_bytes=max_value, max_key_bytes=max_key,
+    )  # fmt: skip
+    assert kafka.record_size(dead_letter_key(key), encode(record)) <= limit
+    assert record["value_truncated"] and record["key_truncated"] and max_value > 0
+    if limit >= 1_048_576:
+        assert (max_value, max_key) == (DEAD_LETTER_VALUE_BYTES, DEAD_LETTER_KEY_BYTES)
+
+
+# -- summaries made to fit the output topic ---------------------------------------------------
+SUMMARY_SCHEMA = validator("summary")
+
+
+def multiclass_summary(y_true: list[int], y_pred: list[int]) -> dict[str, Any]:
+    """The count-window summary the monitor computes for one multiclass prediction event."""
+    monitor = Monitor(MonitorSettings(window=10_000, time_windows=()))
+    event = {"type": "prediction", "run_id": "r", "task": "multiclass",
+             "y_true": y_true, "y_pred": y_pred}  # fmt: skip
+    monitor.ingest([DECODER.decode(None, orjson.dumps(event))], now=1.0)
+    (record,) = monitor.due(1.0)
+    return record
+
+
+def wide_window(labels: int, pairs: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, labels, pairs)
+    y_pred = np.where(rng.random(pairs) < 0.6, y_true, rng.integers(0, labels, pairs))
+    return y_true.tolist(), y_pred.tolist()
+
+
+def test_a_summary_that_fits_is_encoded_as_it_is() -> None:
+    """Under the limit: byte for byte ``encode``, form None (the dense matrix stays)."""
+    record = multiclass_summary(*wide_window(5, 50))
+    value, form = fit_summary(record, 10**6)
+    assert (value, form) == (encode(record), None)
+    assert "confusion_matrix" in orjson.loads(value)["metrics"]
+
+
+def test_sparse_triples_are_the_non_zero_cells_of_sklearn_confusion_matrix() -> None:
+    """1,000 labels, 3,000 pairs: the 2 MB dense matrix becomes its non-zero cells, row-major,
+    as [true label, predicted label, count]; everything else is unchanged."""
+    y_true, y_pred = wide_window(1000, 3000)
+    record = multiclass_summary(y_true, y_pred)
+    dense = encode(record)
+    assert len(dense) > 1_900_000
+    value, form = fit_summary(record, 1_000_000)
+    assert form == "sparse" and len(value) < 60_000
+    out = orjson.loads(value)
+    SUMMARY_SCHEMA.validate(out)
+    labels = sorted(set(y_true) | set(y_pred))
+    cells = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    t, p = np.nonzero(cells)
+    expected = [[labels[i], labels[j], int(cells[i, j])] for i, j in zip(t, p, strict=True)]
+    assert out["metrics"]["confusion_sparse"] == expected
+    assert sum(c for _, _, c in expected) == 3000
+    rest = {k: v for k, v in orjson.loads(dense)["metrics"].items() if k != "confusion_matrix"}
+    assert {k: v for k, v in out["metrics"].items() if k != "confusion_sparse"} == rest
+    assert {k: v for k, v in out.items() if k != "metrics"} == {
+        k: v for k, v in orjson.loads(dense).items() if k != "metrics"
+    }
+    assert "confusion_matrix" in record["metrics"]  # the input record is left alone
+
+
+def test_omitted_matrix_keeps_headline_metrics_and_the_labels_of_most_support() -> None:
+    """Not even the triples fit: no matrix, a reason naming both sizes and the limit, the 100
+    labels of most support (ties: the smaller label) with their support, and the headline
+    metrics of sklearn over every label."""
+    y_true, y_pred = wide_window(1000, 8000, seed=1)
+    record = multiclass_summary(y_true, y_pred)
+    sparse_bytes = len(fit_summary(record, 10**6)[0])
+    value, form = fit_summary(record, 20_000)
+    assert form == "omitted" and len(value) <= 20_000
+    out = orjson.loads(value)
+    SUMMARY_SCHEMA.validate(out)
+    m = out["metrics"]
+    assert "confusion_matrix" not in m and "confusion_sparse" not in m
+    assert m["confusion_omitted"] == (
+        f"the confusion matrix of {m['labels_total']} labels is {len(encode(record))} bytes "
+        f"dense and {sparse_bytes} bytes as sparse triples, over the limit of 20000 bytes"
+    )
+    present = np.array(sorted(set(y_true) | set(y_pred)))
+    support = np.bincount(y_true, minlength=1000)[present]
+    ranked = sorted(range(present.size), key=lambda i: (-support[i], present[i]))[:TOP_LABELS]
+    kept = sorted(ranked)
+    assert m["labels"] == present[kept].tolist() and m["support"] == support[kept].tolist()
+    assert m["labels_total"] == present.size and m["labels_truncated"] is True
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred), abs=1e-12)
+    for average in ("macro", "weighted"):
+        f1 = skm.f1_score(y_true, y_pred, average=average, zero_division=0)
+        assert m[f"f1_{average}"] == pytest.approx(f1, abs=1e-12)
+    assert m["precision_macro"] == pytest.approx(
+        skm.precision_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-12
+    )
+
+
+def test_omitted_with_few_labels_is_not_flagged_truncated() -> None:
+    """A tiny limit with fewer labels than TOP_LABELS: every label kept, labels_truncated false;
+    a record that fits no form comes back longer than the limit (the outbox drops it)."""
+    y_true, y_pred = wide_window(20, 400, seed=2)
+    record = multiclass_summary(y_true, y_pred)
+    value, form = fit_summary(record, 1_000)
+    m = orjson.loads(value)["metrics"]
+    assert form == "omitted" and len(value) <= 1_000
+    assert m["labels"] == sorted(set(y_true) | set(y_pred)) and m["labels_truncated"] is False
+    assert m["support"] == np.bincount(y_true)[m["labels"]].tolist()
+    value, form = fit_summary(record, 300)
+    assert form == "omitted" and len(value) > 300
+
+
+def test_records_without_a_matrix_are_never_reduced() -> None:
+    """Only a confusion matrix is reduced: any other record comes back encoded as it is."""
+    record = {"type": "summary", "run_id": "r", "metrics": {"mean": 1.0, "big": [0] * 1000}}
+    assert fit_summary(record, 100) == (encode(record), None)
+    assert fit_summary({"type": "profile", "x": [1] * 100}, 10)[1] is None
+
+
+def test_sparse_confusion_of_an_empty_matrix() -> None:
+    """No labels: no triples."""
+    empty = np.zeros((0, 0), dtype=np.int64)
+    assert sparse_confusion(np.zeros(0, dtype=np.int64), empty) == []

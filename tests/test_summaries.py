@@ -199,6 +199,33 @@ def test_batch_time_figures_are_percentiles_mean_and_event_time_rate() -> None:
             {"accuracy": 0.5, "f1_macro": 0.4, "f1_weighted": 0.45, "labels": [0, 1, 2]},
             {"accuracy": 0.5, "f1 macro": 0.4, "f1 weighted": 0.45, "classes": 3.0},
         ),
+        (  # reduced: sparse triples instead of the matrix, every label still listed
+            "prediction/test",
+            "multiclass",
+            {
+                "accuracy": 0.5,
+                "f1_macro": 0.4,
+                "f1_weighted": 0.45,
+                "labels": [0, 1, 2],
+                "confusion_sparse": [[0, 0, 1], [2, 1, 1]],
+            },
+            {"accuracy": 0.5, "f1 macro": 0.4, "f1 weighted": 0.45, "classes": 3.0},
+        ),
+        (  # reduced: matrix omitted, labels trimmed to the top by support; labels_total counts
+            "prediction/test",
+            "multiclass",
+            {
+                "accuracy": 0.5,
+                "f1_macro": 0.4,
+                "f1_weighted": 0.45,
+                "labels": [0, 7],
+                "support": [9, 8],
+                "labels_total": 1000,
+                "labels_truncated": True,
+                "confusion_omitted": "too big",
+            },
+            {"accuracy": 0.5, "f1 macro": 0.4, "f1 weighted": 0.45, "classes": 1000.0},
+        ),
         (
             "prediction/val",
             "regression",

@@ -171,6 +171,7 @@ class DevBroker:
         log_path: Path | None = None,
         advertised: str | None = None,
         authentication: bool = False,
+        schema_registry: Path | None = None,
     ) -> None:
         """Choose the port (a free one if None) and the log file; spawns nothing yet.
 
@@ -178,11 +179,14 @@ class DevBroker:
         broker behind a TLS terminator or proxy (default: its own ``bootstrap``);
         ``authentication`` makes it refuse clients that do not log in with SASL (Tansu's
         ``--authentication``; ApiVersions, and so the readiness check, still works without).
+        ``schema_registry`` is a directory of ``<topic>.json`` JSON Schemas: Tansu then refuses a
+        record of such a topic whose value does not match (the producer gets error -1, at once).
         """
         self.port: int = port if port is not None else free_port()
         self.bootstrap: str = f"{_HOST}:{self.port}"
         self.advertised: str = advertised or self.bootstrap
         self.authentication = authentication
+        self.schema_registry = schema_registry
         self.log_path: Path | None = log_path
         #: seconds from spawn to the first successful ApiVersions answer (set by start()).
         self.startup_seconds: float | None = None
@@ -227,6 +231,11 @@ class DevBroker:
         ]  # fmt: skip
         if self.authentication:
             argv.append("--authentication")
+        cwd = None
+        if self.schema_registry is not None:
+            # Tansu reads a file:// URL's path relative to its working directory.
+            cwd = self.schema_registry.resolve().parent
+            argv += ["--schema-registry", f"file://./{self.schema_registry.resolve().name}"]
         if self.log_path is None:
             argv.append("--silent")
             out: IO[bytes] | int = subprocess.DEVNULL
@@ -242,6 +251,7 @@ class DevBroker:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
             start_new_session=True,
             close_fds=True,
         )

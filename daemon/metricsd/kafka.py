@@ -22,9 +22,11 @@ from typing import Any, NoReturn
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
+    BrokerResponseError,
     IllegalSaslStateError,
     InvalidTopicError,
     KafkaConnectionError,
@@ -37,11 +39,13 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from metricsd.config import Secret, Security
 
 __all__ = [
+    "MAX_REQUEST_SIZE",
     "PERMANENT_ERRORS",
     "ConsumerRecord",
     "KafkaAuthError",
@@ -54,7 +58,10 @@ __all__ = [
     "connection_options",
     "consumer",
     "ensure_topics",
+    "max_message_bytes",
     "producer",
+    "record_size",
+    "refused",
 ]
 
 log = structlog.get_logger(__name__)
@@ -70,6 +77,29 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     RecordTooLargeError,
     InvalidTopicError,
 )
+
+
+#: The producer's ``max_request_size`` (aiokafka's default, set explicitly): no record whose
+#: ``record_size`` is larger can be sent, whatever the broker allows.
+MAX_REQUEST_SIZE = 1_048_576
+#: The producer's ``max_batch_size`` when every topic allows at least that much.
+_MAX_BATCH_SIZE = 256 * 1024
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker refusing a record with an error it calls non-retriable (an
+    error response, not a timeout or a lost connection): a schema or policy refusal, missing
+    authorisation, Tansu's "unknown error" for a record its schema registry rejects. The
+    ``PERMANENT_ERRORS`` are refusals too, but checked first."""
+    return isinstance(exc, BrokerResponseError) and not exc.retriable
+
+
+def record_size(key: bytes | None, value: bytes | None) -> int:
+    """The size the producer checks against ``max_request_size`` for one record: an upper bound
+    of a record batch holding just this record (what a broker checks against a topic's
+    ``max.message.bytes``)."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
+    return size
 
 
 class KafkaAuthError(Exception):
@@ -341,9 +371,59 @@ async def ensure_topics(
             await admin.close()
 
 
-def producer(bootstrap_servers: str, *, security: Security, **options: Any) -> AIOKafkaProducer:
-    """A producer waiting for all in-sync replicas (summaries and dead letters must not vanish)."""
-    settings: dict[str, Any] = {"acks": "all", "linger_ms": 5, "max_batch_size": 256 * 1024}
+async def max_message_bytes(
+    bootstrap_servers: str, topics: Iterable[str], *, security: Security, timeout: float = 10.0
+) -> dict[str, int]:
+    """``max.message.bytes`` of each of ``topics`` that the broker reports (DescribeConfigs).
+
+    A topic missing from the result has no value reported: Tansu (0.6) answers only with configs
+    set explicitly on the topic, never the broker's default, and a real Kafka leaves out a topic
+    that does not exist. All configs are asked for, not just this one, because Tansu closes the
+    connection on a DescribeConfigs request that names the configs it wants. Raises
+    ``KafkaError``, ``OSError`` or ``TimeoutError`` when the broker cannot answer in ``timeout``.
+    """
+    names = list(dict.fromkeys(topics))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=int(timeout * 1000),
+        **connection_options(security),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        responses = await asyncio.wait_for(
+            admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names]),
+            timeout,
+        )
+    finally:
+        await admin.close()
+    found: dict[str, int] = {}
+    for response in responses:
+        for error_code, _, _, name, entries in response.resources:
+            if error_code != 0:
+                continue
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
+                    found[name] = int(entry[1])
+    return found
+
+
+def producer(
+    bootstrap_servers: str,
+    *,
+    security: Security,
+    message_limit: int = MAX_REQUEST_SIZE,
+    **options: Any,
+) -> AIOKafkaProducer:
+    """A producer waiting for all in-sync replicas (summaries and dead letters must not vanish).
+
+    ``message_limit`` is the smallest ``max.message.bytes`` of the topics it writes to: batches
+    stay within it, or a batch of small records could be refused as a whole."""
+    settings: dict[str, Any] = {
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": max(1, min(_MAX_BATCH_SIZE, message_limit)),
+        "max_request_size": MAX_REQUEST_SIZE,
+    }
     settings.update(connection_options(security))
     settings.update(options)
     return AIOKafkaProducer(bootstrap_servers=bootstrap_servers, **settings)

@@ -29,8 +29,8 @@ from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
 from metricsd.profiler import Profiler
-from metricsd.records import dead_letter, dead_letter_key, encode
-from metricsd.topics import Topics
+from metricsd.records import dead_letter, dead_letter_caps, dead_letter_key, encode, fit_summary
+from metricsd.topics import MessageLimits, Topics
 
 __all__ = ["Counters", "Pipeline"]
 
@@ -50,6 +50,7 @@ class Counters:
     commits: int = 0
     ticks: int = 0
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
+    reduced: Counter[str] = field(default_factory=Counter)  # summaries reduced to fit, by form
 
 
 class Pipeline:
@@ -77,11 +78,16 @@ class Pipeline:
         self._outbox: Outbox | None = None
         self._topics: Topics | None = None
         self._consumer: Any = None
+        self._letter_caps = dead_letter_caps(kafka.MAX_REQUEST_SIZE)  # (value, key) copy limits
 
-    def use_producer(self, producer: Any) -> None:
-        """The started producer: every record goes out through one outbox."""
-        self._outbox = Outbox(producer)
+    def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
+        """The started producer: every record goes out through one outbox, sized against
+        ``limits`` (the producer's own limit for every topic if None)."""
+        self._outbox = Outbox(producer, limits, keep_trying=[self.settings.state_topic])
         self._topics = Topics(self.settings, producer)
+        self._letter_caps = dead_letter_caps(
+            self._outbox.limits.of(self.settings.dead_letter_topic)
+        )
 
     def use_consumer(self, consumer: Any) -> None:
         """The group consumer: commits and the seeks of a restore."""
@@ -179,6 +185,8 @@ class Pipeline:
             key=record.key,
             value=record.value,
             emitted_at=now,
+            max_value_bytes=self._letter_caps[0],
+            max_key_bytes=self._letter_caps[1],
         )
         await self.outbox.send(
             self.settings.dead_letter_topic, dead_letter_key(record.key), encode(body)
@@ -196,11 +204,33 @@ class Pipeline:
             )
 
     async def _publish_summaries(self, records: list[dict[str, Any]]) -> None:
-        """Send summary records to the output topic, keyed by run (acked in ``Outbox.settle``)."""
+        """Send summary records to the output topic, keyed by run (acked in ``Outbox.settle``),
+        each made to fit the topic's limit (``records.fit_summary``)."""
         output = self.settings.output_topic
+        limit = self.outbox.limits.of(output)
         for record in records:
-            await self.outbox.send(output, record["run_id"].encode(), encode(record))
+            key = record["run_id"].encode()
+            # What the value may take: the limit less the batch and record overhead with this
+            # key, and 5 bytes for the value's length prefix.
+            room = limit - kafka.record_size(key, b"") - 5
+            value, form = fit_summary(record, room)
+            if form is not None:
+                self._reduced(record, form, len(value), room)
+            await self.outbox.send(output, key, value, ident=record["id"])
         self.counters.summaries += len(records)
+
+    def _reduced(self, record: dict[str, Any], form: str, size: int, room: int) -> None:
+        self.counters.reduced[form] += 1
+        suppressed = self._warnings.allow(f"summary_reduced:{form}")
+        if suppressed is not None:
+            log.warning(
+                "summary_reduced",
+                id=record["id"],
+                form=form,
+                value_bytes=size,
+                limit_bytes=room,
+                suppressed=suppressed,
+            )
 
     # -- tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
@@ -281,18 +311,33 @@ class Pipeline:
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def assign(self, assigned: set[kafka.TopicPartition]) -> None:
-        """Restore the window state of ``assigned`` before any of their records is fetched."""
-        async with self._lock:
-            self.assigned |= assigned
-            self.changelog.assign(tp.partition for tp in assigned)
-            if self.settings.changelog and assigned:
-                try:
-                    await self._restore(assigned)
-                except Exception as exc:
-                    # Consuming without the state would count events twice or lose windows:
-                    # stop instead, loudly; the next start (or the next owner) restores again.
-                    log.error("state_restore_failed", error=repr(exc))
-                    self.fatal = exc
+        """Restore the window state of ``assigned`` before any of their records is ingested.
+
+        aiokafka starts fetching a newly assigned partition, from its committed offset, while
+        this callback is still running, and ``getmany`` hands those records to the loop: a
+        restore that takes longer than a fetch (a long changelog, a slow fence) would see them
+        ingested before its rows and its seek, and a commit held behind the checkpoint made them
+        count twice (evicted runs came back as ghosts). So the partitions stay paused (nothing
+        of theirs is fetched or returned) until the restore has sought them to the checkpoint.
+        """
+        restoring = self.settings.changelog and bool(assigned)
+        if restoring:
+            self._consumer.pause(*assigned)  # before the first await: no record slips through
+        try:
+            async with self._lock:
+                self.assigned |= assigned
+                self.changelog.assign(tp.partition for tp in assigned)
+                if restoring:
+                    try:
+                        await self._restore(assigned)
+                    except Exception as exc:
+                        # Consuming without the state would count events twice or lose windows:
+                        # stop instead, loudly; the next start (or the next owner) restores again.
+                        log.error("state_restore_failed", error=repr(exc))
+                        self.fatal = exc
+        finally:
+            if restoring and self.fatal is None:
+                self._consumer.resume(*assigned)
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:

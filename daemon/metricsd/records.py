@@ -5,7 +5,25 @@
 - ``dead_letter`` holds a rejected input record (schemas/dead_letter.schema.json).
 
 ``encode`` turns any of them into JSON bytes with orjson; NaN and ±inf become ``null``, since JSON
-never carries them. Pure: no I/O, no clock (times are passed in).
+never carries them. ``fit_summary`` encodes a summary so that it fits the output topic's message
+limit, reducing a multiclass confusion matrix when it would not (below). Pure: no I/O, no clock
+(times are passed in).
+
+Reduced multiclass summaries (one record must never be too large to publish: a 1,000-label window
+gives a 2 MB dense matrix). Tried in this order, the first that fits is published:
+
+1. as computed: ``labels`` and the dense ``confusion_matrix`` (rows = true, columns = predicted);
+2. ``confusion_sparse``: the non-zero cells as ``[true label, predicted label, count]`` triples in
+   row-major order (by true label, then predicted label), instead of ``confusion_matrix``; a window
+   of n pairs has at most n non-zero cells, whatever the number of labels;
+3. ``confusion_omitted``: a sentence giving the dense and sparse sizes against the limit, instead of
+   any matrix; ``labels`` and ``support`` (pairs with that true label) are kept for the
+   ``TOP_LABELS`` labels of most support (ties: the smaller label), in label order, with
+   ``labels_total`` (labels in the window) and ``labels_truncated`` (some were left out).
+
+The headline metrics (accuracy, macro/micro/weighted averages) are never touched: they are computed
+over every label before any reduction. A record that does not fit even then (a limit of a few kB)
+is encoded as it is, and the outbox counts and logs it as dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 import orjson
+from numpy.typing import NDArray
 
 from metricsd.events import InvalidEvent
 
@@ -23,10 +42,14 @@ __all__ = [
     "DEAD_LETTER_KEY_BYTES",
     "DEAD_LETTER_VALUE_BYTES",
     "SCHEMA_VERSION",
+    "TOP_LABELS",
     "dead_letter",
+    "dead_letter_caps",
     "dead_letter_key",
     "encode",
+    "fit_summary",
     "profile_record",
+    "sparse_confusion",
 ]
 
 #: ``schema_version`` of every record this module builds.
@@ -38,8 +61,14 @@ SCHEMA_VERSION: Final = 1
 DEAD_LETTER_VALUE_BYTES: Final = 700_000
 DEAD_LETTER_KEY_BYTES: Final = 16_384
 _DEAD_LETTER_KAFKA_KEY_BYTES: Final = 1_024
+# Room for everything in a dead letter but the two copies: the Kafka key, the batch overhead, the
+# other fields (reason, detail, topic...; well under 2 kB).
+_DEAD_LETTER_RESERVE: Final = 4_096
 
 _ENCODE_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
+
+#: Labels kept, by support, in a multiclass summary whose confusion matrix had to be omitted.
+TOP_LABELS: Final = 100
 
 
 def _encode_default(obj: Any) -> Any:
@@ -99,6 +128,16 @@ def dead_letter(
     }
 
 
+def dead_letter_caps(record_limit: int) -> tuple[int, int]:
+    """``(max_value_bytes, max_key_bytes)`` for ``dead_letter`` so that a dead letter fits a
+    topic taking records of ``record_limit`` bytes: the defaults (700,000 and 16,384) for
+    Kafka's 1 MiB, less for a topic with a smaller ``max.message.bytes`` (the key copy at most a
+    quarter of what the base64 copies may take, the value the rest)."""
+    raw = max(0, record_limit - _DEAD_LETTER_RESERVE) * 3 // 4  # base64: 4 bytes per 3
+    key = min(DEAD_LETTER_KEY_BYTES, raw // 4)
+    return min(DEAD_LETTER_VALUE_BYTES, raw - key), key
+
+
 def dead_letter_key(key: bytes | None) -> bytes | None:
     """The Kafka key of a dead letter: the original key, or its first 1,024 bytes when longer
     (the whole key, up to ``DEAD_LETTER_KEY_BYTES``, is in the record's ``key_b64``)."""
@@ -120,3 +159,50 @@ def profile_record(body: Mapping[str, Any], *, instance: str, emitted_at: float)
         "emitted_at": emitted_at,
         **body,
     }
+
+
+def fit_summary(record: Mapping[str, Any], max_bytes: int) -> tuple[bytes, str | None]:
+    """``record`` encoded in at most ``max_bytes`` if it can be: ``(value, form)`` where ``form``
+    is None (as computed), ``"sparse"`` or ``"omitted"`` (the reduced multiclass forms in the
+    module docstring). ``record`` is not modified. Only a summary with a ``confusion_matrix`` can
+    be reduced; any other record, or one still too large after the last form, comes back encoded
+    as it is (longer than ``max_bytes``: the caller's size check drops it)."""
+    value = encode(record)
+    metrics = record.get("metrics")
+    if len(value) <= max_bytes or not isinstance(metrics, Mapping):
+        return value, None
+    matrix = metrics.get("confusion_matrix")
+    labels = metrics.get("labels")
+    if not isinstance(matrix, list) or not isinstance(labels, list):
+        return value, None
+    lab = np.asarray(labels, dtype=np.int64)
+    cells = np.asarray(matrix, dtype=np.int64).reshape(lab.size, lab.size)
+    rest = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+    triples = sparse_confusion(lab, cells)
+    sparse = encode({**record, "metrics": {**rest, "confusion_sparse": triples}})
+    if len(sparse) <= max_bytes:
+        return sparse, "sparse"
+    support = cells.sum(axis=1)
+    order = np.lexsort((lab, -support))  # most support first, then the smaller label
+    kept = np.sort(order[:TOP_LABELS])
+    omitted = {
+        **{k: v for k, v in rest.items() if k != "labels"},
+        "labels": lab[kept].tolist(),
+        "support": support[kept].tolist(),
+        "labels_total": int(lab.size),
+        "labels_truncated": bool(kept.size < lab.size),
+        "confusion_omitted": (
+            f"the confusion matrix of {lab.size} labels is {len(value)} bytes dense and "
+            f"{len(sparse)} bytes as sparse triples, over the limit of {max_bytes} bytes"
+        ),
+    }
+    return encode({**record, "metrics": omitted}), "omitted"
+
+
+def sparse_confusion(labels: NDArray[np.int64], matrix: NDArray[np.int64]) -> list[list[int]]:
+    """The non-zero cells of a confusion ``matrix`` indexed by ``labels`` as ``[true label,
+    predicted label, count]`` triples, row-major (by true label, then predicted label)."""
+    true_at, pred_at = np.nonzero(matrix)
+    triples = np.stack([labels[true_at], labels[pred_at], matrix[true_at, pred_at]], axis=1)
+    result: list[list[int]] = triples.tolist()
+    return result

@@ -36,6 +36,7 @@ from metricsd.config import Settings
 from metricsd.pipeline import Pipeline
 from metricsd.profiler import Profiler
 from metricsd.records import encode, profile_record
+from metricsd.topics import MessageLimits
 
 __all__ = ["Service", "ServiceFailed", "ShutdownIncomplete", "StateUnavailable", "run"]
 
@@ -90,9 +91,12 @@ class Service:
             output=s.output_topic,
             dead_letter=s.dead_letter_topic,
         )
-        self._producer = kafka.producer(s.bootstrap_servers, security=s.security)
+        limits = await MessageLimits.read(s)
+        self._producer = kafka.producer(
+            s.bootstrap_servers, security=s.security, message_limit=limits.smallest
+        )
         await self._producer.start()
-        self.pipeline.use_producer(self._producer)
+        self.pipeline.use_producer(self._producer, limits)
         _tune_gc()
         try:
             if s.changelog:
@@ -139,6 +143,7 @@ class Service:
                 publish_failures=self.pipeline.outbox.failures,
                 publish_dropped=self.pipeline.outbox.dropped,
                 before_checkpoint=c.before_checkpoint,
+                summaries_reduced=dict(c.reduced),
                 runs_tracked=self.monitor.runs_tracked,
                 flushed=self._flushed,
             )
@@ -293,6 +298,7 @@ class Service:
             commits=c.commits,
             publish_failures=self.pipeline.outbox.failures,
             publish_dropped=self.pipeline.outbox.dropped,
+            summaries_reduced=dict(c.reduced),
         )
         return now, c.events
 

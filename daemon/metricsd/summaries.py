@@ -182,11 +182,7 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure("accuracy", _get(m, "accuracy")),
             Figure("f1 macro", _get(m, "f1_macro")),
             Figure("f1 weighted", _get(m, "f1_weighted")),
-            Figure(
-                "classes",
-                float(len(labels)) if isinstance(labels := m.get("labels"), list) else None,
-                "n",
-            ),
+            Figure("classes", _classes(m), "n"),
         ]
     if kind == "regression":
         return [
@@ -222,6 +218,17 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure("mean", _get(m, "mean", "mean")),
         ]
     return []
+
+
+def _classes(metrics: Mapping[str, Any]) -> float | None:
+    """Labels in a multiclass window, in every form of the record (schemas/summary.schema.json):
+    ``labels_total`` when the matrix was omitted (``labels`` then keeps only the top ones),
+    else the length of ``labels`` (dense or sparse matrix)."""
+    total = _get(metrics, "labels_total")
+    if total is not None:
+        return total
+    labels = metrics.get("labels")
+    return float(len(labels)) if isinstance(labels, list) else None
 
 
 def _supersedes(new: Record, current: Record) -> bool:

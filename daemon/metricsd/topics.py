@@ -1,10 +1,13 @@
 """The daemon's topics: the changelog created at start-up beside the others, and all of them
 created again when the broker lost them (a broker that came back empty: Tansu's memory storage
-after a restart, or a wiped cluster), since every send fails until they exist."""
+after a restart, or a wiped cluster), since every send fails until they exist. Also the one place
+that knows how large a record each topic takes (:class:`MessageLimits`, read at start-up)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -12,11 +15,61 @@ import structlog
 from metricsd import kafka
 from metricsd.config import Settings
 
-__all__ = ["Topics"]
+__all__ = ["MessageLimits", "Topics"]
 
 log = structlog.get_logger(__name__)
 
 _CHECK_EVERY = 10.0  # seconds between two checks after failed ticks, and each check's bound
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """The largest record (``kafka.record_size``) each topic takes: the producer's
+    ``max_request_size``, or the topic's ``max.message.bytes`` where the broker reported a smaller
+    one. Read once at start-up (``read``); a topic created later with another limit is not seen
+    until the next start."""
+
+    producer: int = kafka.MAX_REQUEST_SIZE
+    topics: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, topic: str) -> int:
+        """The limit of ``topic``."""
+        return min(self.producer, self.topics.get(topic, self.producer))
+
+    @property
+    def smallest(self) -> int:
+        """The smallest limit over every topic known (the producer's batches must fit it)."""
+        return min([self.producer, *self.topics.values()])
+
+    @classmethod
+    async def read(cls, settings: Settings, timeout: float = 10.0) -> MessageLimits:
+        """Ask the broker for the ``max.message.bytes`` of the daemon's topics; one log line says
+        what was found, and which topics fall back to the producer's limit (Tansu reports no
+        default; a broker that does not answer DescribeConfigs leaves every topic at it)."""
+        s = settings
+        names = [*s.topics(), *([s.state_topic] if s.changelog else [])]
+        try:
+            found = await kafka.max_message_bytes(
+                s.bootstrap_servers, names, security=s.security, timeout=timeout
+            )
+        except (kafka.KafkaError, OSError, TimeoutError) as exc:
+            log.warning(
+                "message_limits_unknown",
+                error=repr(exc),
+                producer_limit=kafka.MAX_REQUEST_SIZE,
+                detail="the broker did not answer DescribeConfigs: every topic is assumed to take "
+                "records up to the producer's max_request_size",
+            )
+            return cls()
+        limits = cls(topics=found)
+        log.info(
+            "message_limits",
+            limits={name: limits.of(name) for name in names},
+            producer_limit=limits.producer,
+            max_message_bytes=found,
+            unreported=[name for name in names if name not in found],
+        )
+        return limits
 
 
 class Topics:
