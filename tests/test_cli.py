@@ -214,7 +214,7 @@ def test_subcommands_have_only_their_settings() -> None:
     assert {"--runs", "--rate", "--seed", "--duration"}.isdisjoint(longs["run"])
     assert {"--window", "--interval", "--group-id"}.isdisjoint(longs["simulate"])
     for command in COMMANDS:
-        expected = {item.flag for item in _command_settings(command)} | {"--help"}
+        expected = {item.flag for item in _command_settings(command)} | {"--help", "--config"}
         assert longs[command] == expected
 
 

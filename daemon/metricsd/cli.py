@@ -1,4 +1,4 @@
-"""Command line: ``metricsd run | simulate | dev | tail | report``.
+"""Command line: ``metricsd run | simulate | dev | config | tail | report``.
 
 ``tail`` and ``report`` (the summary topic on a terminal, a run's report with plots) have their
 own parsers in ``metricsd.tail`` and ``metricsd.report``; ``main`` hands them the rest of the
@@ -7,17 +7,21 @@ command line.
 The flags are generated from the settings classes of ``metricsd.config``, where each setting is
 defined once: ``--<setting>``, also given as the environment variable ``METRICSD_<SETTING>`` (upper
 case, dashes as underscores; a repeatable flag takes a comma-separated list), e.g.
-``METRICSD_BOOTSTRAP_SERVERS``. A flag on the command line wins over the environment, which wins
-over the default. The environment is read after the command line is parsed, so ``--help`` works
-whatever it holds; a bad value, given either way, exits 2 naming the flag or the variable. Only
-this module reads the environment and configures logging; settings are validated once, here,
-before anything starts.
+``METRICSD_BOOTSTRAP_SERVERS``, and also as a key of the TOML file named by ``--config`` (or
+``METRICSD_CONFIG``; its layout: ``metricsd.config.file_sections``). A flag on the command line wins
+over the environment, which wins over the file, which wins over the default. The environment and
+the file are read after the command line is parsed, so ``--help`` works whatever they hold; a bad
+value, given any way, exits 2 naming the flag, the variable or the file and key. ``metricsd config``
+prints the effective settings of ``run`` and where each came from. Only this module reads the
+environment and configures logging; settings are validated once, here, before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -28,16 +32,28 @@ from typing import Any, TypeVar, cast
 from metricsd import logs
 from metricsd.config import (
     ConfigError,
+    FileSettings,
     Flag,
     LogSettings,
+    Secret,
     Settings,
     SimulateSettings,
     env_name,
+    file_sections,
     flags,
     nested,
+    read_config_file,
+    toml_value,
 )
 
-__all__ = ["build_parser", "env_name", "main", "settings_from", "simulate_settings_from"]
+__all__ = [
+    "build_parser",
+    "env_name",
+    "main",
+    "settings_from",
+    "show_config",
+    "simulate_settings_from",
+]
 
 T = TypeVar("T")
 
@@ -55,7 +71,15 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], frozenset[str]]] = {
         (Settings, SimulateSettings, LogSettings),
         frozenset({"bootstrap_servers", "security"}),
     ),
+    "config": (
+        "print the effective settings of `run` (TOML) and where each comes from",
+        (Settings, LogSettings),
+        frozenset(),
+    ),
 }
+
+#: The variable naming the configuration file when ``--config`` is not given.
+CONFIG_ENV = env_name("--config")
 
 
 # Subcommands with a parser of their own (they read the summary topic; no daemon settings).
@@ -119,18 +143,36 @@ class _Parser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, extras = super().parse_known_args(args, namespace)
         assert parsed is not None  # argparse makes one when none is given
+        if not self._settings:  # the top-level parser: its subcommand's parser did this
+            return parsed, extras
+        path = getattr(parsed, "config", None) or os.environ.get(CONFIG_ENV) or None
+        in_file: FileSettings = {}
+        if path is not None:
+            try:
+                in_file = read_config_file(path)
+            except ConfigError as exc:
+                self.error(str(exc))
+        sources: dict[str, str] = {}
         for setting, default in self._settings:
             combine = setting.option.combine
             given: Any = getattr(parsed, setting.dest, argparse.SUPPRESS)
             raw = os.environ.get(setting.env)
             if given is not argparse.SUPPRESS:  # a list of values when repeatable
                 value = combine(given) if combine else given
+                sources[setting.dest] = f"flag {setting.flag}"
             elif raw is not None:
                 from_env = self._from_env(setting, raw)
                 value = combine([from_env]) if combine else from_env
+                sources[setting.dest] = f"env {setting.env}"
+            elif setting.dest in in_file:
+                key, value = in_file[setting.dest]
+                sources[setting.dest] = f"file {path} ({key})"
             else:
                 value = default
+                sources[setting.dest] = "default"
             setattr(parsed, setting.dest, value)
+        parsed.config = path
+        parsed.sources = sources
         return parsed, extras
 
     def _from_env(self, setting: Flag, raw: str) -> Any:
@@ -162,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(command, help=summary, add_help=False)
     for command, (summary, classes, without) in COMMANDS.items():
         command_parser = sub.add_parser(command, help=summary)
+        command_parser.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"TOML file of settings (below flags and environment) [env {CONFIG_ENV}]",
+        )
+        if command == "config":
+            command_parser.add_argument(
+                "--json", action="store_true", help="one JSON object instead of TOML"
+            )
         added: dict[str, Flag] = {}
         for cls in classes:
             for setting in _command_flags(cls, without):
@@ -207,6 +258,66 @@ def simulate_settings_from(args: argparse.Namespace, **overrides: Any) -> Simula
     return _from_args(SimulateSettings, args, overrides)
 
 
+def show_config(args: argparse.Namespace) -> str:
+    """``metricsd config``: the effective settings of ``run`` as TOML in the configuration file's
+    layout (so the output, saved, is a configuration file giving the same settings), each with
+    its source as a comment; a secret is never shown (its line is a comment), a setting without
+    a value is a comment too. With ``--json``: ``{"config": path, "settings": [{"key", "flag",
+    "env", "value", "source"}...]}``."""
+    settings = settings_from(args)  # validated: a bad value exits 2 before anything is printed
+    values = vars(args)
+    entries: list[tuple[str, str, Flag, Any]] = []  # (table, name, setting, value)
+    for table, known in file_sections().items():
+        for name, setting in known.items():
+            if setting.dest not in values:
+                continue  # the simulator's own settings: not run's
+            # The validated value where the settings keep it (a derived default resolved: the
+            # dead-letter topic), else as parsed (logging; the password file, read at start-up).
+            owner: Any = settings if table == "" else getattr(settings, table, None)
+            kept = {f.name for f in dataclasses.fields(owner)} if owner is not None else set()
+            value = getattr(owner, name) if name in kept else values[setting.dest]
+            entries.append((table, name, setting, value))
+    if values.get("json"):
+        return json.dumps(
+            {
+                "config": args.config,
+                "settings": [
+                    {
+                        "key": f"{table}.{name}" if table else name,
+                        "flag": setting.flag,
+                        "env": setting.env,
+                        "value": Secret.MASK if isinstance(value, Secret) else _jsonable(value),
+                        "source": args.sources[setting.dest],
+                    }
+                    for table, name, setting, value in entries
+                ],
+            },
+            indent=1,
+        )
+    lines = [
+        "# metricsd run: effective settings; precedence flag > environment > "
+        + (f"file {args.config}" if args.config else "file (none given)")
+        + " > default"
+    ]
+    table_now = ""
+    for table, name, setting, value in entries:
+        if table != table_now:
+            lines += ["", f"[{table}]"]
+            table_now = table
+        source = args.sources[setting.dest]
+        if isinstance(value, Secret):
+            lines.append(f"# {name} = {Secret.MASK}  # {source} (secret, not shown)")
+        elif value is None:
+            lines.append(f"# {name} = (not set)  # {source}")
+        else:
+            lines.append(f"{name} = {toml_value(value)}  # {source}")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> None:
     """``asyncio.run`` with SIGTERM/SIGINT/SIGHUP setting the stop event (they do nothing else):
     a hang-up (the terminal closed, or a supervisor's reload signal) shuts down cleanly, with the
@@ -238,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log = _from_args(LogSettings, args, {})
         start: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
+        if args.command == "config":
+            sys.stdout.write(show_config(args))
+            return 0
         if args.command == "run":
             settings = settings_from(args)
             from metricsd import service

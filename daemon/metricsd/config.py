@@ -15,6 +15,7 @@ import hmac
 import math
 import os
 import ssl
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import Field, InitVar, dataclass, field, is_dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 __all__ = [
     "ENV_PREFIX",
     "ConfigError",
+    "FileSettings",
     "Flag",
     "LogSettings",
     "MonitorSettings",
@@ -32,11 +34,14 @@ __all__ = [
     "Settings",
     "SimulateSettings",
     "env_name",
+    "file_sections",
     "flags",
     "nested",
     "parse_bool",
     "parse_seconds",
+    "read_config_file",
     "setting",
+    "toml_value",
 ]
 
 ENV_PREFIX = "METRICSD_"
@@ -583,3 +588,144 @@ class SimulateSettings:
         _check(self.rate > 0, f"rate must be > 0, got {self.rate}")
         _check(self.duration >= 0, f"duration must be >= 0, got {self.duration}")
         _check(self.partitions >= 1, f"partitions must be >= 1, got {self.partitions}")
+
+
+# -- the configuration file -----------------------------------------------------------------------
+
+#: A configuration file's settings: flag destination -> (key as written in the file, value).
+FileSettings = dict[str, tuple[str, Any]]
+
+
+def file_sections() -> dict[str, dict[str, Flag]]:
+    """Where each setting sits in a configuration file: table name ("" for the top level) ->
+    field name -> setting. The daemon's own settings are at the top level, those of a nested
+    settings class in a table named like its field (``[monitor]``, ``[security]``), logging in
+    ``[log]``, and the simulator's own ones (runs, rate...) in ``[simulate]``; what the simulator
+    shares with the daemon (bootstrap-servers, input-topic, partitions, security) is given once,
+    where the daemon has it."""
+    sections: dict[str, dict[str, Flag]] = {}
+    placed: set[str] = set()
+    for owner, top in ((Settings, ""), (LogSettings, "log"), (SimulateSettings, "simulate")):
+        for name, cls in [(top, owner), *nested(owner).items()]:
+            for f in flags(cls, recurse=False):
+                if f.dest not in placed:
+                    placed.add(f.dest)
+                    sections.setdefault(name, {})[f.name] = f
+    return sections
+
+
+def _kind(setting: Flag) -> str:
+    """The TOML type a setting's value must have in the file."""
+    default = setting.default
+    if isinstance(default, bool):
+        return "boolean"
+    if isinstance(default, int):
+        return "integer"
+    if isinstance(default, float):
+        return "number"
+    if isinstance(default, tuple):
+        return "array of numbers"
+    return "string"  # str defaults, and the None ones (paths, SASL names, the password)
+
+
+def _typed(setting: Flag, key: str, value: Any) -> Any:
+    """``value`` from the file as the setting's value: the TOML type must match (no "1000" for an
+    integer, no 1 for a boolean), then the flag's own parser and choices apply."""
+    kind = _kind(setting)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "boolean":
+        ok = isinstance(value, bool)
+    elif kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = is_number
+    elif kind == "array of numbers":
+        ok = is_number or (
+            isinstance(value, list)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        )
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{key} must be a TOML {kind}, got {_toml_type(value)} {value!r}")
+    option = setting.option
+    if kind == "array of numbers":
+        parsed: Any = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+        return option.combine([parsed]) if option.combine else parsed
+    if kind == "number":
+        return float(value)
+    try:
+        parsed = option.parse(value) if kind == "string" else value
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: invalid value {value!r}") from None
+    if option.choices is not None and parsed not in option.choices:
+        raise ConfigError(f"{key} must be one of {', '.join(option.choices)}, got {value!r}")
+    return parsed
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    return names.get(type(value), "table" if isinstance(value, dict) else type(value).__name__)
+
+
+def read_config_file(path: str) -> FileSettings:
+    """The settings a TOML configuration file gives (see :func:`file_sections` for its layout;
+    keys are the settings' names, with underscores). An unreadable file, a syntax error, an
+    unknown table or key, or a value of the wrong type raises :class:`ConfigError` naming the
+    file and the key; every value has passed the parser its flag uses (the settings' range
+    checks come later, when the settings are built, as for flags)."""
+    try:
+        with open(path, "rb") as handle:
+            doc = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {path!r} cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    sections = file_sections()
+    found: FileSettings = {}
+
+    def take(table: str, items: dict[str, Any]) -> None:
+        known = sections.get(table, {})
+        for name, value in items.items():
+            key = f"{table}.{name}" if table else name
+            if table == "" and isinstance(value, dict) and name in sections:
+                take(name, value)
+                continue
+            if name not in known:
+                hint = _near(name, table, sections)
+                raise ConfigError(f"config file {path!r}: unknown key {key!r}{hint}")
+            try:
+                found[known[name].dest] = (key, _typed(known[name], key, value))
+            except ConfigError as exc:
+                raise ConfigError(f"config file {path!r}: {exc}") from None
+
+    take("", doc)
+    return found
+
+
+def _near(name: str, table: str, sections: dict[str, dict[str, Flag]]) -> str:
+    """A hint for an unknown key: the table where that name is a setting, or the spelling with
+    underscores when it was written with dashes."""
+    spelled = name.replace("-", "_")
+    for other, known in sections.items():
+        if spelled in known and (other != table or spelled != name):
+            where = f"[{other}] " if other else "the top level as "
+            return f" (did you mean {where}{spelled!r}?)"
+    return ""
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML (strings, booleans, numbers, arrays of numbers)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value)
+    escaped = "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" for c in text)
+    return f'"{escaped}"'
