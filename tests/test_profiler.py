@@ -83,21 +83,15 @@ def test_overhead_is_a_small_fraction_of_real_ticks() -> None:
     assert profiler.cost_per_call_ns > 0
 
 
-def test_reported_overhead_agrees_with_an_independent_measurement() -> None:
-    """The overhead the profiler reports of itself matches what timing the same loop with and
-    without profiling shows (perf_counter around N calls each way, best of 9 interleaved rounds).
-
-    The work is tiny (about 0.3 µs) so the overhead is of the same size and measurable. The
-    profiler's fraction is over the time it measured inside the operations, which holds part of
-    its own cost, so it reads lower than (profiled - plain) / plain; a factor 4 either way still
-    catches a wrong calibration or a wrong count of calls."""
+def _overhead_round(n: int) -> tuple[float, float, float, float]:
+    """(reported fraction, measured fraction, calibrated cost ns, measured cost ns) of one
+    measurement: best of 9 interleaved rounds of ``n`` calls with and without profiling."""
 
     def work() -> int:
         return sum(range(30))
 
     profiler = Profiler()
     tick = profiler.profile_operation("tick", "tick")
-    n = 20_000
     plain, profiled, reported = [], [], []
     for _ in range(9):
         started = time.perf_counter()
@@ -116,14 +110,29 @@ def test_reported_overhead_agrees_with_an_independent_measurement() -> None:
     # profiler's tick time too, which lowers its fraction: hence its largest one).
     extra_s = min(profiled) - min(plain)
     assert extra_s > 0, (plain, profiled)
-    measured_fraction = extra_s / min(plain)
-    measured_cost_ns = extra_s / n * 1e9
-    fraction = max(reported)
-    assert measured_fraction / 4 <= fraction <= measured_fraction * 4, (fraction, measured_fraction)
-    assert measured_cost_ns / 4 <= profiler.cost_per_call_ns <= measured_cost_ns * 4, (
-        profiler.cost_per_call_ns,
-        measured_cost_ns,
-    )
+    return max(reported), extra_s / min(plain), profiler.cost_per_call_ns, extra_s / n * 1e9
+
+
+def test_reported_overhead_agrees_with_an_independent_measurement() -> None:
+    """The overhead the profiler reports of itself matches what timing the same loop with and
+    without profiling shows (perf_counter around N calls each way, best of 9 interleaved rounds).
+
+    The work is tiny (about 0.3 µs) so the overhead is of the same size and measurable. The
+    profiler's fraction is over the time it measured inside the operations, which holds part of
+    its own cost, so it reads lower than (profiled - plain) / plain; a factor 4 either way still
+    catches a wrong calibration or a wrong count of calls. The tests run in two processes on two
+    cores, so a measurement can land in a busy stretch: up to 5 measurements, the first that
+    agrees passes; a wrong calibration disagrees in all of them."""
+    seen = []
+    for _ in range(5):
+        fraction, measured_fraction, cost_ns, measured_cost_ns = _overhead_round(20_000)
+        seen.append((fraction, measured_fraction, cost_ns, measured_cost_ns))
+        if (
+            measured_fraction / 4 <= fraction <= measured_fraction * 4
+            and measured_cost_ns / 4 <= cost_ns <= measured_cost_ns * 4
+        ):
+            return
+    raise AssertionError(f"(reported, measured fraction, cost ns, measured ns) x5: {seen}")
 
 
 def test_disabled_profiler_records_nothing() -> None:
