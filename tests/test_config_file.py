@@ -172,6 +172,15 @@ def test_a_missing_or_unreadable_file_exits_2(
     assert "cannot be read" in _exit_message(capsys, "run")
 
 
+def test_a_file_that_is_not_utf8_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'group_id = "caf\xe9"\n')
+    line = _exit_message(capsys, "run", "--config", str(path))
+    assert f"config file {str(path)!r} is not UTF-8 text (byte 15" in line
+
+
 def test_help_works_whatever_the_config_file_holds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -685,6 +685,10 @@ def read_config_file(path: str) -> FileSettings:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     sections = file_sections()
     found: FileSettings = {}
 
