@@ -277,3 +277,14 @@ def test_the_shipped_example_file_loads(capsys: pytest.CaptureFixture[str]) -> N
     assert (sim.runs, sim.rate) == (4, 200.0)
     values: dict[str, Any] = tomllib.loads(Path(example).read_text(encoding="utf-8"))
     assert values["log"]["log_format"] == "json"
+
+
+def test_the_readme_example_has_only_known_keys_of_the_right_types(tmp_path: Path) -> None:
+    """The README's TOML block passes the file checks (its SASL files exist only in a real
+    deployment, so the settings themselves are not built)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    found = config.read_config_file(_file(tmp_path, block))
+    assert found["window"] == ("monitor.window", 1000)
+    assert found["security_protocol"] == ("security.security_protocol", "SASL_SSL")
+    assert found["time_window"] == ("monitor.time_windows", (60.0, 300.0))
