@@ -81,7 +81,9 @@ def test_batch_time_count_window_matches_scipy(
     assert m["kurtosis"] == pytest.approx(sps.kurtosis(window), rel=1e-9)
     assert rec["first_ts"] == 1150.0 and rec["last_ts"] == 1249.0
     assert rec["seq"] == 0 and rec["final"] is False
-    assert rec["id"] == "r1|batch_time|count:100|0"
+    # Ingested without offsets or group: both parts of the id are empty (tests/test_churn.py).
+    assert rec["id"] == "|r1|batch_time||count:100|0"
+    assert rec["group"] == "" and rec["incarnation"] == ""
 
 
 def test_time_windows_select_by_event_time() -> None:

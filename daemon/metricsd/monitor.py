@@ -31,8 +31,24 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   (``max_runs * MAX_SPLITS`` for the three prediction kinds, ``max_runs * MAX_SCALARS`` for
   scalars). Banks never shrink; freed rows are reused.
 
-Summary identity for de-duplication: (run_id, stream, window, seq); ``seq`` counts the ticks that
-produced summaries for that (run, stream), shared by all its windows. ``id`` joins the four.
+Summary identity for de-duplication: (group, run_id, stream, incarnation, window, seq); ``id``
+joins the six (``|`` inside a name escaped, ``windows.id_part``), so one id names one content:
+
+- ``group`` is the daemon's consumer group: two daemons of different groups writing to one output
+  topic never share an id.
+- ``incarnation`` names one life of a (run, stream) window: ``"<partition>:<offset>"``, the input
+  position of the record whose event created the row. A run that comes back after ``run_end`` or
+  an eviction (or a stream re-opened after ``MAX_STREAMS`` closed it, or after a task change)
+  starts a new row from a later record, hence a new incarnation, and ``seq`` from 0 again. Derived
+  from the input, not from a counter: a restart that re-reads the same records re-derives the
+  same incarnations, so re-published summaries keep their ids and stay de-duplicable, and nothing
+  has to be persisted for runs that are gone. One record feeds one row, so no two rows share a
+  position. Restored rows keep theirs (the changelog carries it). Where the position is unknown the
+  incarnation is ``""``: rows restored from a changelog written before incarnations (their old
+  summaries had ids without group and incarnation, so nothing collides), and events ingested
+  without ``offsets`` (tests and tools; the daemon always passes them). Only positioned ingest
+  makes ids unique across the lives of a run.
+- ``seq`` counts the ticks that produced summaries for that row, shared by all its windows.
 
 Records are plain dicts ready for ``orjson.dumps``: undefined statistics are NaN floats, which
 orjson writes as ``null`` (JSON never carries NaN or Infinity).
@@ -42,6 +58,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from metricsd.changelog import RowState
 from metricsd.config import MonitorSettings
@@ -50,7 +67,7 @@ from metricsd.profiler import Profiler
 from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
-__all__ = ["MAX_FUTURE", "MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
+__all__ = ["MAX_FUTURE", "MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor", "Offsets"]
 
 # Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
 MAX_SPLITS = 8
@@ -60,6 +77,12 @@ MAX_FUTURE = 86_400.0
 MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
 # Streams per run in each kind group; a new stream beyond it closes the group's oldest one.
 MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
+
+
+class Offsets(Protocol):
+    """Input offsets of a batch's events by index (a list, or a view of the consumed records)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
 
 
 class Monitor:
@@ -75,10 +98,13 @@ class Monitor:
         profiler: Profiler | None = None,
         *,
         track_changes: bool = False,
+        group: str = "",
     ) -> None:
         """``track_changes``: remember changed and removed rows for ``state_changes()`` (on when
-        the window state is backed by a changelog)."""
+        the window state is backed by a changelog). ``group``: the consumer group, part of every
+        summary id and record."""
         self.settings = settings
+        self.group = group
         self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
         # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds.
@@ -107,6 +133,12 @@ class Monitor:
         # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
         self._recency = Recency(settings.idle_timeout)
         self._unstamped: list[str] = []
+        # Input positions of the batch being ingested (for the incarnation of new rows): its
+        # events, their offsets (None: unknown), and id(event) -> index, built only when a
+        # batch creates a row.
+        self._events: Sequence[Event] = ()
+        self._offsets: Offsets | None = None
+        self._where: dict[int, int] | None = None
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
         self.streams_evicted = 0  # splits and scalar names closed because of MAX_STREAMS
@@ -135,14 +167,26 @@ class Monitor:
         return [run for run, p in self._partition_of.items() if p in wanted]
 
     # -- ingest ----------------------------------------------------------------------------
-    def ingest(self, events: Sequence[Event], now: float, partition: int = -1) -> None:
+    def ingest(
+        self,
+        events: Sequence[Event],
+        now: float,
+        partition: int = -1,
+        offsets: Offsets | None = None,
+    ) -> None:
         """Add a batch of valid events (from one partition) to the windows.
 
         Values are grouped per row and written with one bulk append per row. A ``run_end`` in the
         batch first writes everything before it, then emits that run's final summaries.
+        ``offsets[i]`` is the input offset of ``events[i]`` (read only for events that start a
+        row: it names the row's incarnation); None leaves incarnations empty (see above).
         """
         with self.profiler.profile_operation("ingest", "ingest"):
-            self._ingest(events, now, partition)
+            self._events, self._offsets, self._where = events, offsets, None
+            try:
+                self._ingest(events, now, partition)
+            finally:
+                self._events, self._offsets, self._where = (), None, None
 
     def _ingest(self, events: Sequence[Event], now: float, partition: int) -> None:
         self._recency.advance(now)
@@ -194,7 +238,7 @@ class Monitor:
             }
             for p in group:
                 block, ts, latest = next(built[p.kind])
-                ref = self._row(p.run_id, p.stream, p.kind, partition, p.task, now)
+                ref = self._row(p.run_id, p.stream, p.kind, partition, p.task, now, p.first)
                 p.kind.bank.append(ref.row, block, ts)
                 values += ts.shape[0]
                 if latest is not None:
@@ -210,10 +254,12 @@ class Monitor:
         partition: int,
         task: str | None = None,
         now: float | None = None,
+        first: Event | None = None,
     ) -> Row:
         """The row of (run, stream), created if new: room is made first (capacity eviction,
         ``MAX_SPLITS``). ``now`` None (a restore, outside ingest) makes a new run active as of
-        the next ``ingest`` or ``due``."""
+        the next ``ingest`` or ``due``. ``first``: the event of the batch being ingested that
+        creates the row (its position is the incarnation); None for a restore, which sets it."""
         ref = self._rows.get((run_id, stream))
         if ref is not None and ref.kind is kind:
             return ref
@@ -226,12 +272,29 @@ class Monitor:
             self._limit_streams(run_id, kind.spec.group, at)
         if run_id not in self._runs:
             self._admit(run_id, now)
-        ref = Row(run_id, stream, kind, kind.bank.allocate(), task)
+        incarnation = "" if first is None else self._incarnation(first, partition)
+        ref = Row(
+            run_id, stream, kind, kind.bank.allocate(), task,
+            incarnation=incarnation, group=self.group,
+        )  # fmt: skip
         self._rows[(run_id, stream)] = ref
         self._runs.setdefault(run_id, []).append(ref)
         if partition >= 0:
             self._partition_of[run_id] = partition
         return ref
+
+    def _incarnation(self, first: Event, partition: int) -> str:
+        """``"<partition>:<offset>"`` of the event ``first`` of the batch being ingested."""
+        offsets = self._offsets
+        if offsets is None:
+            return ""
+        where = self._where
+        if where is None:
+            events = self._events
+            last = len(events) - 1
+            # Reversed, so that an event object given twice is found at its first place.
+            where = self._where = {id(ev): last - i for i, ev in enumerate(reversed(events))}
+        return f"{partition}:{offsets[where[id(first)]]}"
 
     # -- summaries -------------------------------------------------------------------------
     def due(self, now: float) -> list[Record]:
@@ -375,6 +438,7 @@ class Monitor:
         return RowState(
             run_id=ref.run_id, stream=ref.stream, kind=ref.kind.name, task=ref.task,
             seq=ref.seq, latest=ref.latest, snapshot=ref.kind.bank.snapshot(ref.row),
+            incarnation=ref.incarnation,
         )  # fmt: skip
 
     def restore(self, state: RowState, partition: int) -> None:
@@ -384,5 +448,6 @@ class Monitor:
         kind.bank.restore(ref.row, state.snapshot)
         ref.seq = state.seq
         ref.latest = state.latest
+        ref.incarnation = state.incarnation or ""
         self._changed.pop((state.run_id, state.stream), None)
         self._removed.pop((state.run_id, state.stream), None)

@@ -7,7 +7,8 @@ the lifecycle and the schedule; what to write and when it is safe is decided by 
 :class:`~metricsd.changelog.Changelog` and by the :class:`~metricsd.outbox.Outbox`.
 
 At-least-once: after a crash, records after the last commit are consumed again, so a consumer of
-the summary topic may see a summary twice; ``id`` (run, stream, window, seq) de-duplicates.
+the summary topic may see a summary twice; ``id`` (group, run, stream, incarnation, window, seq)
+de-duplicates.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class Counters:
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
 
 
+class _Offsets:
+    """The input offsets of the decoded events, read by the monitor only for the few events that
+    start a window (their position names the window's incarnation)."""
+
+    __slots__ = ("_records",)
+
+    def __init__(self, records: list[kafka.ConsumerRecord]) -> None:
+        self._records = records
+
+    def __getitem__(self, index: int) -> int:
+        return int(self._records[index].offset)
+
+
 class Pipeline:
     """Monitor, changelog and outbox of one instance, and the offsets consumed and owned."""
 
@@ -59,7 +73,9 @@ class Pipeline:
         self.settings = settings
         self.instance = instance
         self.profiler = profiler
-        self.monitor = Monitor(settings.monitor, profiler, track_changes=settings.changelog)
+        self.monitor = Monitor(
+            settings.monitor, profiler, track_changes=settings.changelog, group=settings.group_id
+        )
         self.decoder = Decoder(
             max_array=settings.monitor.max_array, max_classes=settings.monitor.max_classes
         )
@@ -159,7 +175,12 @@ class Pipeline:
                         events.append(decode(record.key, record.value))
                     except InvalidEvent as exc:
                         bad.append((exc, record))
-            self.monitor.ingest(events, now, tp.partition)
+            if bad:  # the offsets of the records that became events, index for index
+                rejected = {id(r) for _, r in bad}
+                good = [r for r in records if id(r) not in rejected]
+            else:
+                good = records
+            self.monitor.ingest(events, now, tp.partition, _Offsets(good))
             self.counters.records += len(records)
             self.counters.events += len(events)
             for error, record in bad:
