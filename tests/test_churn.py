@@ -202,3 +202,32 @@ def test_churn_through_max_runs_never_gives_one_id_two_contents() -> None:
     store.extend(records)
     assert len(store) == len(seen) == len({r["id"] for r in records})
     assert store.duplicates == len(records) - len(seen)
+
+
+def test_evictions_cost_one_statistics_pass_per_tick_not_one_per_run() -> None:
+    """2,000 new runs, one per ingest (as small fetches deliver them), through max_runs=100: the
+    finals of the evicted runs are computed together, at the tick or when the reserve of 13
+    retired rows fills, never one pass per evicted run; each evicted run gets exactly one final
+    summary, holding its whole window."""
+    from metricsd.profiler import Profiler
+
+    profiler = Profiler()
+    monitor = Monitor(MonitorSettings(window=8, time_windows=(), max_runs=100), profiler)
+    feed = Feed()
+    records: list[Record] = []
+    for i in range(2000):
+        feed.ingest(monitor, [_bt(f"r{i}", float(i), 1.0)], float(i))
+        if i % 500 == 499:
+            records += monitor.due(float(i))
+    passes = {op["name"]: op["count"] for op in profiler.report(1.0)["operations"]}
+    evicted = monitor.runs_evicted["capacity"]
+    assert evicted == 1900
+    assert 0 < monitor.retire_passes <= evicted // 13
+    # One pass per full reserve, plus at most two per due (the dirty rows, the retired ones).
+    assert passes["batch_time_stats"] <= monitor.retire_passes + 2 * 4
+    finals = [r for r in records if r["final"]]
+    assert sorted(r["run_id"] for r in finals) == sorted({r["run_id"] for r in finals})
+    assert len(finals) == evicted and monitor.backlog == 0
+    assert all(
+        r["count"] == 2 and r["metrics"]["mean"] == (int(r["run_id"][1:]) + 1) / 2 for r in finals
+    )

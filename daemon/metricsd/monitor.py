@@ -79,6 +79,16 @@ MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
 MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
 
 
+# Rows of a kind that may be retired (ended, evicted: final summaries due) at once, as a fraction
+# of the kind's cap: the bank's extra rows. When it is full the finals are computed before the
+# tick, one pass for all of them: cost per pass, not per run, and memory 1/8 above the cap.
+_RESERVE_FRACTION = 8
+
+
+def _reserve(cap: int) -> int:
+    return max(1, -(-cap // _RESERVE_FRACTION))
+
+
 class Offsets(Protocol):
     """Input offsets of a batch's events by index (a list, or a view of the consumed records)."""
 
@@ -107,23 +117,25 @@ class Monitor:
         self.group = group
         self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
-        # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds.
+        # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds,
+        # plus the reserve for rows retired since the last summaries (``_retire``).
+        caps = [settings.max_runs * MAX_STREAMS.get(spec.group, 1) for spec in KINDS]
         self._kinds = [
-            Kind(
-                spec,
-                settings.window,
-                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1),
-                threshold=settings.threshold,
-            )
-            for spec in KINDS
+            Kind(spec, settings.window, max_rows=cap + _reserve(cap), threshold=settings.threshold)
+            for spec, cap in zip(KINDS, caps, strict=True)
         ]
+        self._reserve = {
+            kind.name: _reserve(cap) for kind, cap in zip(self._kinds, caps, strict=True)
+        }
+        # Rows of ended or evicted streams, per kind: still in their bank, final summaries due.
+        self._retired: dict[str, list[Row]] = {kind.name: [] for kind in self._kinds}
         self._kind = {kind.name: kind for kind in self._kinds}
         # Event type -> the collect function of the kinds it feeds (decided once, here).
         self._collect = {spec.source: spec.collect for spec in reversed(KINDS)}
         self._rows: dict[tuple[str, str], Row] = {}
         self._runs: dict[str, list[Row]] = {}
         self._partition_of: dict[str, int] = {}
-        self._ready: list[Record] = []
+        self._ready: list[Record] = []  # final summaries computed before a due (reserve full)
         # Rows changed or removed since the last ``state_changes()`` (for the changelog).
         self._changed: dict[tuple[str, str], Row] = {}
         self._removed: dict[tuple[str, str], int] = {}
@@ -142,6 +154,7 @@ class Monitor:
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
         self.streams_evicted = 0  # splits and scalar names closed because of MAX_STREAMS
+        self.retire_passes = 0  # final-summary passes forced between ticks by a full reserve
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -152,6 +165,13 @@ class Monitor:
     def runs_evicted(self) -> dict[str, int]:
         """Runs evicted (final summaries, then freed) by reason: ``idle`` and ``capacity``."""
         return {"idle": self.runs_evicted_idle, "capacity": self.runs_evicted_capacity}
+
+    @property
+    def backlog(self) -> int:
+        """Final summaries computed and waiting for the next ``due``: non-zero only when so many
+        streams ended or were evicted since the last ``due`` that the reserve filled (heavy run
+        churn); the shell then publishes early (back-pressure, docs/state.md)."""
+        return len(self._ready)
 
     @property
     def rows_tracked(self) -> int:
@@ -308,6 +328,7 @@ class Monitor:
         idle = self._recency.idle(now)
         if idle:
             self._evict(idle, now, "idle")
+        self._summarise_retired(now)
         records, self._ready = self._ready, []
         for kind in self._kinds:
             if kind.dirty:
@@ -327,21 +348,42 @@ class Monitor:
         )
 
     def end_run(self, run_id: str, now: float) -> None:
-        """Queue the run's final summaries (``final: true``) for ``due``; free its rows."""
+        """Queue the run's final summaries (``final: true``) for ``due``; the run is no longer
+        tracked (its rows are freed once the finals are computed)."""
         self._end_runs([run_id], now)
 
     def _end_runs(self, run_ids: Iterable[str], now: float) -> None:
-        """``end_run`` for several runs at once: one statistics pass per kind, not per run."""
+        """``end_run`` for several runs at once."""
         ended: list[Row] = []
         for run_id in run_ids:
             ended.extend(self._runs.get(run_id, ()))
-        by_kind: dict[int, tuple[Kind, list[Row]]] = {}
-        for ref in ended:
-            by_kind.setdefault(id(ref.kind), (ref.kind, []))[1].append(ref)
-        for kind, kind_refs in by_kind.values():
-            self._ready.extend(self._summaries(kind, kind_refs, now, final=True))
-        for ref in ended:
-            self._drop(ref)
+        self._retire(ended, now)
+
+    def _retire(self, refs: Iterable[Row], now: float) -> None:
+        """End these rows: forgotten at once (a returning run or stream gets a new row and a new
+        incarnation), their final summaries computed later, for every row retired in between,
+        in one statistics pass per kind: at the next ``due``, or now if a kind's reserve is full
+        (the bank holds at most its cap of live rows plus the reserve of retired ones)."""
+        full = False
+        for ref in refs:
+            self._drop(ref, release=False)
+            retired = self._retired[ref.kind.name]
+            retired.append(ref)
+            full = full or len(retired) >= self._reserve[ref.kind.name]
+        if full:
+            self.retire_passes += 1
+            self._summarise_retired(now)
+
+    def _summarise_retired(self, now: float) -> None:
+        """The final summaries of every retired row (one pass per kind) into ``_ready``; then the
+        rows go back to their banks."""
+        for kind in self._kinds:
+            retired = self._retired[kind.name]
+            if retired:
+                self._ready.extend(self._summaries(kind, retired, now, final=True))
+                for ref in retired:
+                    kind.bank.release(ref.row)
+                self._retired[kind.name] = []
 
     # -- bounded memory --------------------------------------------------------------------
     def _mark_active(self, runs: Iterable[str], now: float) -> None:
@@ -367,10 +409,8 @@ class Monitor:
         close its oldest one of that group, with a final summary, if it has MAX_STREAMS."""
         splits = [ref for ref in self._runs[run_id] if ref.kind.spec.group == group]
         if len(splits) >= MAX_STREAMS[group]:
-            oldest = splits[0]
-            self._ready.extend(self._summaries(oldest.kind, [oldest], now, final=True))
-            self._drop(oldest)
             self.streams_evicted += 1
+            self._retire([splits[0]], now)
 
     def _evict(self, run_ids: list[str], now: float, reason: str) -> None:
         self._end_runs(run_ids, now)
@@ -384,6 +424,7 @@ class Monitor:
 
         Called when the consumer loses the partitions (rebalance): the new owner takes over.
         """
+        self._summarise_retired(now)
         for run_id in self.runs_on(partitions):
             for ref in list(self._runs.get(run_id, ())):
                 if ref.row in ref.kind.dirty:
@@ -398,15 +439,17 @@ class Monitor:
         if self.track_changes:
             self._changed[(ref.run_id, ref.stream)] = ref
 
-    def _drop(self, ref: Row, *, tombstone: bool = True) -> None:
-        """Free a row; ``tombstone`` records its removal for the changelog (not on a revoke,
-        where the state stays for the partition's next owner)."""
+    def _drop(self, ref: Row, *, tombstone: bool = True, release: bool = True) -> None:
+        """Forget a row; ``tombstone`` records its removal for the changelog (not on a revoke,
+        where the state stays for the partition's next owner); ``release`` gives its bank row
+        back (not when it is retired: its final summaries still read it)."""
         key = (ref.run_id, ref.stream)
         self._changed.pop(key, None)
         if tombstone and self.track_changes:
             self._removed[key] = self._partition_of.get(ref.run_id, -1)
         ref.kind.dirty.pop(ref.row, None)
-        ref.kind.bank.release(ref.row)
+        if release:
+            ref.kind.bank.release(ref.row)
         del self._rows[(ref.run_id, ref.stream)]
         run_refs = self._runs[ref.run_id]
         run_refs.remove(ref)

@@ -17,6 +17,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from metricsd.profiler import Profiler
 from metricsd.records import dead_letter, dead_letter_key, encode
 from metricsd.topics import Topics
 
-__all__ = ["Counters", "Pipeline"]
+__all__ = ["BACKLOG_RECORDS", "SLICE_RECORDS", "Counters", "Pipeline"]
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,26 @@ class Counters:
     commits: int = 0
     ticks: int = 0
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
+    early_ticks: int = 0  # ticks run before their time because of BACKLOG_RECORDS
+
+
+# Final summaries of ended and evicted runs that may wait for the tick (Monitor.backlog): beyond
+# it the pipeline ticks at once. About 1.2 kB each: 10,000 hold ~12 MB.
+BACKLOG_RECORDS = 10_000
+# Records of one partition handed to the monitor at once: bounds what one ingest can add to the
+# backlog (its evictions) before the pipeline looks at it.
+SLICE_RECORDS = 5_000
+
+
+def _slices(
+    batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]],
+) -> Iterator[tuple[kafka.TopicPartition, list[kafka.ConsumerRecord]]]:
+    for tp, records in batch.items():
+        if len(records) <= SLICE_RECORDS:
+            yield tp, records
+        else:
+            for start in range(0, len(records), SLICE_RECORDS):
+                yield tp, records[start : start + SLICE_RECORDS]
 
 
 class _Offsets:
@@ -159,7 +180,7 @@ class Pipeline:
             return  # the loop raises before anything else
         decode = self.decoder.decode
         now = time.time()
-        for tp, records in batch.items():
+        for tp, records in _slices(batch):
             floor = self._floors.get(tp)
             if floor is not None and records[0].offset < floor:
                 kept = [r for r in records if r.offset >= floor]
@@ -186,6 +207,11 @@ class Pipeline:
             for error, record in bad:
                 await self._dead_letter(error, record, now)
             self._consumed[tp] = records[-1].offset + 1
+            if self.monitor.backlog >= BACKLOG_RECORDS:
+                # Run churn: finals of evicted runs pile up faster than ticks come. Publish them
+                # now (back-pressure: nothing more is consumed until they are acknowledged).
+                self.counters.early_ticks += 1
+                await self.tick()
 
     async def _dead_letter(
         self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
