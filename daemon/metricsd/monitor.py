@@ -67,7 +67,15 @@ from metricsd.profiler import Profiler
 from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
-__all__ = ["MAX_FUTURE", "MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor", "Offsets"]
+__all__ = [
+    "MAX_FUTURE",
+    "MAX_SCALARS",
+    "MAX_SPLITS",
+    "MAX_STREAMS",
+    "RESERVE_FRACTION",
+    "Monitor",
+    "Offsets",
+]
 
 # Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
 MAX_SPLITS = 8
@@ -79,14 +87,11 @@ MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
 MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
 
 
-# Rows of a kind that may be retired (ended, evicted: final summaries due) at once, as a fraction
-# of the kind's cap: the bank's extra rows. When it is full the finals are computed before the
-# tick, one pass for all of them: cost per pass, not per run, and memory 1/8 above the cap.
-_RESERVE_FRACTION = 8
-
-
-def _reserve(cap: int) -> int:
-    return max(1, -(-cap // _RESERVE_FRACTION))
+# Rows of one kind that may be retired (ended, evicted: final summaries due) at once: max_runs /
+# RESERVE_FRACTION, rounded up, the bank's rows beyond its cap. When a kind's reserve is full the
+# finals of every retired row are computed before the tick, in one pass per kind: the cost is
+# per pass, not per run, and a bank holds at most max_runs / 8 rows more than its cap.
+RESERVE_FRACTION = 8
 
 
 class Offsets(Protocol):
@@ -119,14 +124,16 @@ class Monitor:
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
         # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds,
         # plus the reserve for rows retired since the last summaries (``_retire``).
-        caps = [settings.max_runs * MAX_STREAMS.get(spec.group, 1) for spec in KINDS]
+        self._reserve = max(1, -(-settings.max_runs // RESERVE_FRACTION))
         self._kinds = [
-            Kind(spec, settings.window, max_rows=cap + _reserve(cap), threshold=settings.threshold)
-            for spec, cap in zip(KINDS, caps, strict=True)
+            Kind(
+                spec,
+                settings.window,
+                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1) + self._reserve,
+                threshold=settings.threshold,
+            )
+            for spec in KINDS
         ]
-        self._reserve = {
-            kind.name: _reserve(cap) for kind, cap in zip(self._kinds, caps, strict=True)
-        }
         # Rows of ended or evicted streams, per kind: still in their bank, final summaries due.
         self._retired: dict[str, list[Row]] = {kind.name: [] for kind in self._kinds}
         self._kind = {kind.name: kind for kind in self._kinds}
@@ -369,7 +376,7 @@ class Monitor:
             self._drop(ref, release=False)
             retired = self._retired[ref.kind.name]
             retired.append(ref)
-            full = full or len(retired) >= self._reserve[ref.kind.name]
+            full = full or len(retired) >= self._reserve
         if full:
             self.retire_passes += 1
             self._summarise_retired(now)
