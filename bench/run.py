@@ -28,6 +28,7 @@ _BENCHES: dict[str, Callable[[Sizes, Callable[[str], None]], list[Figure]]] = {
     "profiler": tick.run_profiler,
     "latency": latency.run,
     "memory": memory.run,
+    "churn": memory.run_churn,
 }
 
 
@@ -104,6 +105,22 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
             1.3,
             None,
             "x",
+        ),
+        Target(
+            "churn: peak RSS within the README formula (100,000 runs, --max-runs 1000)",
+            _find(figures, "churn", "(peak RSS − base) / (bound − base)"),
+            "<=",
+            1.0,
+            None,
+            "x",
+        ),
+        Target(
+            "churn: tick p99 ≤ the 1 s interval",
+            _find(figures, "churn", "tick p99 at --interval 1, "),
+            "<=",
+            1000.0,
+            None,
+            "ms",
         ),
         Target(
             f"latency: p99 ≤ interval + 100 ms ({bound:.0f} ms)",
