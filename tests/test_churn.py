@@ -231,3 +231,93 @@ def test_evictions_cost_one_statistics_pass_per_tick_not_one_per_run() -> None:
     assert all(
         r["count"] == 2 and r["metrics"]["mean"] == (int(r["run_id"][1:]) + 1) / 2 for r in finals
     )
+
+
+class _Producer:
+    """Acknowledges every send at once; remembers the most records ever unacknowledged."""
+
+    def __init__(self) -> None:
+        self.outbox: Any = None
+        self.sent: list[tuple[str, bytes | None]] = []
+        self.most_unacked = 0
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: Any = None,
+    ) -> Any:
+        import asyncio
+
+        self.sent.append((topic, value))
+        self.most_unacked = max(self.most_unacked, self.outbox.pending + 1)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.commits: list[Any] = []
+
+    async def commit(self, offsets: Any) -> None:
+        self.commits.append(offsets)
+
+
+def test_the_pipeline_slices_churn_and_ticks_early_so_unacked_sends_stay_bounded() -> None:
+    """One fetched batch of 6,000 new runs on a partition (max_runs 100, changelog off): the
+    pipeline ingests it in slices once evictions start and ticks as soon as 3,000 finals wait,
+    so the outbox never holds more than a bounded number of sends, every offset is committed,
+    and every run's final summaries are published exactly once under unique ids."""
+    import asyncio
+
+    from metricsd import kafka
+    from metricsd.config import Settings
+    from metricsd.pipeline import BACKLOG_RECORDS, Pipeline
+    from metricsd.profiler import Profiler
+
+    monitor_settings = MonitorSettings(window=8, time_windows=(60.0,), max_runs=100)
+    settings = Settings(
+        bootstrap_servers="unused:9092", input_topic="in", group_id="g", changelog=False,
+        monitor=monitor_settings,
+    )  # fmt: skip
+    pipeline = Pipeline(settings, "test", Profiler())
+    producer, consumer = _Producer(), _Consumer()
+    pipeline.use_producer(producer)
+    producer.outbox = pipeline.outbox
+    pipeline.use_consumer(consumer)
+    tp = kafka.TopicPartition("in", 0)
+    pipeline.assigned.add(tp)
+    records = [
+        kafka.ConsumerRecord(
+            "in",
+            0,
+            offset,
+            0,
+            0,
+            f"r{offset}".encode(),
+            orjson.dumps({"type": "batch_time", "run_id": f"r{offset}", "seconds": 0.1}),
+            None,
+            4,
+            40,
+            [],
+        )
+        for offset in range(6000)
+    ]
+
+    async def go() -> None:
+        await pipeline.consume({tp: records})
+        await pipeline.tick()
+
+    asyncio.run(go())
+    summaries = [orjson.loads(v) for t, v in producer.sent if t == "training.summaries" and v]
+    assert pipeline.counters.early_ticks >= 3  # 5,900 evictions x 2 finals, 3,000 a tick
+    # Live rows' summaries + the backlog limit + what one 100-record slice can add.
+    print("most unacknowledged", producer.most_unacked)
+    assert producer.most_unacked <= 100 * 2 + BACKLOG_RECORDS + 2 * 100 * 2
+    assert consumer.commits[-1][tp].offset == 6000
+    finals = [s for s in summaries if s["final"]]
+    assert len(finals) == 2 * 5900  # count and time window of every evicted run
+    assert len({s["id"] for s in summaries}) == len(summaries)
+    assert {s["incarnation"] for s in finals if s["run_id"] == "r42"} == {"0:42"}

@@ -56,22 +56,17 @@ class Counters:
 
 
 # Final summaries of ended and evicted runs that may wait for the tick (Monitor.backlog): beyond
-# it the pipeline ticks at once. About 1.2 kB each: 10,000 hold ~12 MB.
-BACKLOG_RECORDS = 10_000
-# Records of one partition handed to the monitor at once: bounds what one ingest can add to the
-# backlog (its evictions) before the pipeline looks at it.
+# it the pipeline ticks at once. About 1.2 kB each as dicts, plus the encoded copy and the
+# producer's future while in flight. 3,000 (measured in bench/memory.py run_churn: 10,000 let one
+# tick hold ~30,000 sends and the daemon's peak RSS rise to 386 MiB, 3,000 kept it at 267 MiB
+# against 213 MiB for the same events over 1,000 runs, at the same throughput).
+BACKLOG_RECORDS = 3_000
+# While runs are being evicted for capacity (churn), the records of one partition are handed to
+# the monitor at most min(SLICE_RECORDS, max_runs) at a time (at least 100): that bounds what one
+# ingest can add to the backlog before the pipeline looks at it, and a slice never holds more
+# runs than max_runs (which would evict runs of the slice itself before all their streams are
+# written). Without evictions whole batches go in, as before.
 SLICE_RECORDS = 5_000
-
-
-def _slices(
-    batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]],
-) -> Iterator[tuple[kafka.TopicPartition, list[kafka.ConsumerRecord]]]:
-    for tp, records in batch.items():
-        if len(records) <= SLICE_RECORDS:
-            yield tp, records
-        else:
-            for start in range(0, len(records), SLICE_RECORDS):
-                yield tp, records[start : start + SLICE_RECORDS]
 
 
 class _Offsets:
@@ -114,6 +109,8 @@ class Pipeline:
         self._outbox: Outbox | None = None
         self._topics: Topics | None = None
         self._consumer: Any = None
+        self._churn_slice = max(100, min(SLICE_RECORDS, settings.monitor.max_runs))
+        self._slice: int | None = None  # records per ingest while runs are evicted, else all
 
     def use_producer(self, producer: Any) -> None:
         """The started producer: every record goes out through one outbox."""
@@ -180,7 +177,7 @@ class Pipeline:
             return  # the loop raises before anything else
         decode = self.decoder.decode
         now = time.time()
-        for tp, records in _slices(batch):
+        for tp, records in self._slices(batch):
             floor = self._floors.get(tp)
             if floor is not None and records[0].offset < floor:
                 kept = [r for r in records if r.offset >= floor]
@@ -201,7 +198,10 @@ class Pipeline:
                 good = [r for r in records if id(r) not in rejected]
             else:
                 good = records
+            evicted = self.monitor.runs_evicted_capacity
             self.monitor.ingest(events, now, tp.partition, _Offsets(good))
+            churning = self.monitor.runs_evicted_capacity != evicted
+            self._slice = self._churn_slice if churning else None
             self.counters.records += len(records)
             self.counters.events += len(events)
             for error, record in bad:
@@ -212,6 +212,27 @@ class Pipeline:
                 # now (back-pressure: nothing more is consumed until they are acknowledged).
                 self.counters.early_ticks += 1
                 await self.tick()
+
+    def _slices(
+        self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]
+    ) -> Iterator[tuple[kafka.TopicPartition, list[kafka.ConsumerRecord]]]:
+        """Each partition's records, cut into slices of ``_churn_slice`` while the monitor
+        evicts (``_slice``, read again before every slice). Otherwise a batch with more records
+        than there is room for new runs goes in as probes of doubling size (the first slice's
+        evictions, if any, switch slicing on), the rest at once; any other batch whole."""
+        room = self.settings.monitor.max_runs
+        for tp, records in batch.items():
+            start, probe = 0, self._churn_slice
+            while start < len(records):
+                rest = len(records) - start
+                size = self._slice
+                if size is None:
+                    if self.monitor.runs_tracked + rest > room:
+                        size, probe = probe, 2 * probe
+                    else:
+                        size = rest
+                yield tp, records if size >= len(records) else records[start : start + size]
+                start += size
 
     async def _dead_letter(
         self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
