@@ -20,16 +20,21 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   previous call, in one vectorised pass per window: the count window (the newest N values) and the
   time windows (values whose event time is within T seconds of the row's newest event time:
   ``ts > last_ts - T``). A time window whose mask equals the count window reuses its result.
-- ``run_end`` publishes the run's final summaries (``final: true``) at once and frees its rows.
+- ``run_end`` ends the run: it is no longer tracked and its rows are **retired**, their final
+  summaries (``final: true``) due at the next ``due``.
 - Bounded memory: at most ``max_runs`` runs are tracked. Each run's last activity is the ``now``
   of the latest ingest that touched it, kept in an ordered dict (least recent first; one
   ``move_to_end`` per run and batch, nothing per event). A new run beyond ``max_runs`` first
   evicts the least recently active run; ``due`` evicts runs idle longer than ``idle_timeout``.
-  Eviction is ``run_end``: final summaries of all the run's streams, then its rows are freed. A
-  run keeps at most ``MAX_SPLITS`` prediction streams and ``MAX_SCALARS`` scalar names (a new one
-  closes the oldest of its group with a final summary), so every bank is capped: ``max_runs`` rows
-  (``max_runs * MAX_SPLITS`` for the three prediction kinds, ``max_runs * MAX_SCALARS`` for
-  scalars). Banks never shrink; freed rows are reused.
+  Eviction is ``run_end``. A run keeps at most ``MAX_SPLITS`` prediction streams and
+  ``MAX_SCALARS`` scalar names (a new one closes, i.e. retires, the oldest of its group), so
+  every bank is capped: ``max_runs`` rows (``max_runs * MAX_SPLITS`` for the three prediction
+  kinds, ``max_runs * MAX_SCALARS`` for scalars) plus a reserve of ``max_runs / 8`` retired rows.
+  Banks never shrink; freed rows are reused.
+- Retired rows keep their bank row until their finals are computed: for every row retired since
+  the previous ``due``, in one statistics pass per kind, in ``due`` (or at once when a kind's
+  reserve is full; those finals wait in ``backlog``, which the shell watches to publish early).
+  Churn costs passes per tick, not one per evicted run.
 
 Summary identity for de-duplication: (group, run_id, stream, incarnation, window, seq); ``id``
 joins the six (``|`` inside a name escaped, ``windows.id_part``), so one id names one content:
