@@ -218,21 +218,24 @@ class Pipeline:
     ) -> Iterator[tuple[kafka.TopicPartition, list[kafka.ConsumerRecord]]]:
         """Each partition's records, cut into slices of ``_churn_slice`` while the monitor
         evicts (``_slice``, read again before every slice). Otherwise a batch with more records
-        than there is room for new runs goes in as probes of doubling size (the first slice's
-        evictions, if any, switch slicing on), the rest at once; any other batch whole."""
+        than there is room for new runs goes in as probes of doubling size while they bring new
+        runs (a probe's evictions switch slicing on), the rest at once; any other batch whole."""
         room = self.settings.monitor.max_runs
         for tp, records in batch.items():
-            start, probe = 0, self._churn_slice
+            start, probe, growing = 0, self._churn_slice, True
             while start < len(records):
                 rest = len(records) - start
                 size = self._slice
                 if size is None:
-                    if self.monitor.runs_tracked + rest > room:
+                    if growing and self.monitor.runs_tracked + rest > room:
                         size, probe = probe, 2 * probe
                     else:
                         size = rest
+                tracked = self.monitor.runs_tracked
                 yield tp, records if size >= len(records) else records[start : start + size]
                 start += size
+                # A probe that brought no new run: the batch is the known runs' (steady state).
+                growing = self.monitor.runs_tracked != tracked
 
     async def _dead_letter(
         self, exc: InvalidEvent, record: kafka.ConsumerRecord, now: float
