@@ -29,6 +29,7 @@ _BENCHES: dict[str, Callable[[Sizes, Callable[[str], None]], list[Figure]]] = {
     "latency": latency.run,
     "memory": memory.run,
     "emitter": emitter.run,
+    "churn": memory.run_churn,
 }
 
 
@@ -105,6 +106,22 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
             1.3,
             None,
             "x",
+        ),
+        Target(
+            "churn: peak RSS ≤ 1.5x the steady baseline (same events, 1,000 runs)",
+            _find(figures, "churn", "peak RSS churn / baseline"),
+            "<=",
+            1.5,
+            None,
+            "x",
+        ),
+        Target(
+            "churn: tick p99 ≤ the 1 s interval",
+            _find(figures, "churn", "tick p99 at --interval 1, "),
+            "<=",
+            1000.0,
+            None,
+            "ms",
         ),
         Target(
             f"latency: p99 ≤ interval + 100 ms ({bound:.0f} ms)",

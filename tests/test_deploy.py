@@ -170,7 +170,9 @@ def test_rules_and_dashboard_use_only_contract_series() -> None:
     assert _names_in(variable["definition"]) <= known
     # the dashboard shows every series of the contract
     dashboard_names = {n for _, expr in _dashboard_queries() for n in _names_in(expr)}
-    shown = {n.removesuffix(s) for n in dashboard_names for s in HISTOGRAM_SUFFIXES if n.endswith(s)}
+    shown = {
+        n.removesuffix(s) for n in dashboard_names for s in HISTOGRAM_SUFFIXES if n.endswith(s)
+    }
     assert set(_contract()) <= dashboard_names | shown
 
 
@@ -200,7 +202,9 @@ def _input_series() -> list[dict[str, str]]:
     rising, gauges steady, a histogram with three buckets; each label of each name once, ``name``
     with a loss and a non-loss scalar."""
     values = {"quantile": ["0.5", "0.95", "0.99"], "name": ["loss", "lr"], "split": ["val"]}
-    series: list[dict[str, str]] = [{"series": 'up{job="metricsd",instance="d:9464"}', "values": "1x20"}]
+    series: list[dict[str, str]] = [
+        {"series": 'up{job="metricsd",instance="d:9464"}', "values": "1x20"}
+    ]
     for name, (kind, labels) in _contract().items():
         combos: list[dict[str, str]] = [{}]
         for label in labels:
@@ -211,11 +215,15 @@ def _input_series() -> list[dict[str, str]]:
             text = ",".join(f'{k}="{v}"' for k, v in base.items())
             if kind == "histogram":
                 for le, step in (("0.1", 5), ("1", 9), ("+Inf", 10)):
-                    series.append({"series": f'{name}_bucket{{{text},le="{le}"}}', "values": f"0+{step}x20"})
+                    series.append(
+                        {"series": f'{name}_bucket{{{text},le="{le}"}}', "values": f"0+{step}x20"}
+                    )
                 series.append({"series": f"{name}_sum{{{text}}}", "values": "0+3x20"})
                 series.append({"series": f"{name}_count{{{text}}}", "values": "0+10x20"})
             else:
-                pattern = "0+10x20" if kind == "counter" else "0+60x20" if "timestamp" in name else "1x20"
+                pattern = (
+                    "0+10x20" if kind == "counter" else "0+60x20" if "timestamp" in name else "1x20"
+                )
                 series.append({"series": f"{name}{{{text}}}", "values": pattern})
     return series
 
@@ -231,7 +239,9 @@ def test_every_dashboard_query_parses_and_returns_data(tmp_path: Path) -> None:
             expr = expr.replace(variable, value)
         assert "$" not in expr, f"{record}: unknown Grafana variable in {expr}"
         rules.append({"record": f"dashboard:{record}", "expr": expr})
-    (tmp_path / "queries.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    (tmp_path / "queries.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
+    )
     checked = _run("check", "rules", "queries.yml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     tests = {

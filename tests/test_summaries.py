@@ -369,3 +369,36 @@ def test_scalar_streams_show_their_figures() -> None:
     assert stream_kind(record) == "scalar"
     figures = {f.label: f.value for f in key_figures(record)}
     assert figures == {"mean": 0.5, "min": 0.1, "max": 0.9, "non-finite": 2.0}
+
+
+def _life(incarnation: str, seq: int, group: str = "g", **fields: Any) -> dict[str, Any]:
+    """A summary of the current id scheme: group and incarnation in the record and the id."""
+    record = summary(seq=seq, **fields)
+    tag = window_tag(record["window"])
+    record.update(
+        group=group,
+        incarnation=incarnation,
+        id=f"{group}|r1|batch_time|{incarnation}|{tag}|{seq}",
+    )
+    return record
+
+
+def test_a_later_incarnation_replaces_the_latest_and_a_replayed_older_one_does_not() -> None:
+    """A run back after run_end restarts seq at 0 under a later incarnation (same partition,
+    larger offset): it becomes the latest; a replayed summary of the older life arriving after
+    it (a restart re-publishing) does not take over again; both lives stay in the series."""
+    store = Summaries()
+    old = [_life("0:5", 0), _life("0:5", 1), _life("0:5", 2, final=True)]
+    new = _life("0:40", 0, total=3)
+    store.extend([*old, new, _life("0:5", 1, total=11)])
+    assert store.latest("r1", "batch_time") == new
+    assert len(store) == 4 and store.replaced == 1
+    assert [r["incarnation"] for r in store.series("r1", "batch_time")] == ["0:5"] * 3 + ["0:40"]
+
+
+def test_summaries_of_another_group_are_kept_apart_by_id() -> None:
+    """Two daemons of different groups publish seq 0 of the same window: two ids, nothing
+    replaced, neither counted as a duplicate of the other."""
+    store = Summaries()
+    store.extend([_life("0:0", 0, group="one"), _life("0:0", 0, group="two", total=12)])
+    assert len(store) == 2 and store.replaced == 0 and store.duplicates == 0

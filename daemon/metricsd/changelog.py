@@ -9,8 +9,9 @@ At every tick, for each input partition whose position advanced, the daemon writ
 to that changelog partition:
 
 1. one snapshot per (run, stream) row that changed since the previous tick — the row's window in
-   arrival order plus ``seq``, ``total``, task and latest per-event figures — zlib-compressed and
-   split into chunks below Kafka's 1 MB message limit (key ``["row", run, stream, chunk]``);
+   arrival order plus ``seq``, ``incarnation``, ``total``, task and latest per-event figures —
+   zlib-compressed and split into chunks below Kafka's 1 MB message limit
+   (key ``["row", run, stream, chunk]``);
 2. a tombstone (value ``None``) per chunk of each row that ended, was evicted or moved away;
 3. a **checkpoint** ``["checkpoint", partition]`` -> ``{"offset": position}``: everything before
    ``position`` in the input partition is reflected in the rows written so far.
@@ -69,6 +70,9 @@ class RowState:
     seq: int
     latest: dict[str, Any] | None
     snapshot: RowSnapshot
+    # The window's incarnation (part of its summary ids); None or "" when unknown (records
+    # written before incarnations existed, events ingested without offsets).
+    incarnation: str | None = None
 
 
 def _row_key(run_id: str, stream: str, chunk: int) -> bytes:
@@ -86,6 +90,8 @@ def encode_row(state: RowState, generation: int) -> list[Record]:
         "run_id": state.run_id, "stream": state.stream, "kind": state.kind, "task": state.task,
         "seq": state.seq, "total": snap.total, "latest": state.latest,
         "channels": int(snap.values.shape[0]), "n": int(snap.ts.shape[0]),
+        # Only when known: a row without one is written byte for byte as before incarnations.
+        **({"incarnation": state.incarnation} if state.incarnation else {}),
     })  # fmt: skip
     body = b"".join((
         header, b"\0",
@@ -131,6 +137,7 @@ def _decode_row(chunks: list[bytes]) -> RowState:
         run_id=header["run_id"], stream=header["stream"], kind=header["kind"],
         task=header["task"], seq=header["seq"], latest=header["latest"],
         snapshot=RowSnapshot(values=values, ts=ts, total=header["total"]),
+        incarnation=header.get("incarnation"),
     )  # fmt: skip
 
 

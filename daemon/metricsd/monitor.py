@@ -20,19 +20,40 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   previous call, in one vectorised pass per window: the count window (the newest N values) and the
   time windows (values whose event time is within T seconds of the row's newest event time:
   ``ts > last_ts - T``). A time window whose mask equals the count window reuses its result.
-- ``run_end`` publishes the run's final summaries (``final: true``) at once and frees its rows.
+- ``run_end`` ends the run: it is no longer tracked and its rows are **retired**, their final
+  summaries (``final: true``) due at the next ``due``.
 - Bounded memory: at most ``max_runs`` runs are tracked. Each run's last activity is the ``now``
   of the latest ingest that touched it, kept in an ordered dict (least recent first; one
   ``move_to_end`` per run and batch, nothing per event). A new run beyond ``max_runs`` first
   evicts the least recently active run; ``due`` evicts runs idle longer than ``idle_timeout``.
-  Eviction is ``run_end``: final summaries of all the run's streams, then its rows are freed. A
-  run keeps at most ``MAX_SPLITS`` prediction streams and ``MAX_SCALARS`` scalar names (a new one
-  closes the oldest of its group with a final summary), so every bank is capped: ``max_runs`` rows
-  (``max_runs * MAX_SPLITS`` for the three prediction kinds, ``max_runs * MAX_SCALARS`` for
-  scalars). Banks never shrink; freed rows are reused.
+  Eviction is ``run_end``. A run keeps at most ``MAX_SPLITS`` prediction streams and
+  ``MAX_SCALARS`` scalar names (a new one closes, i.e. retires, the oldest of its group), so
+  every bank is capped: ``max_runs`` rows (``max_runs * MAX_SPLITS`` for the three prediction
+  kinds, ``max_runs * MAX_SCALARS`` for scalars) plus a reserve of ``max_runs / 8`` retired rows.
+  Banks never shrink; freed rows are reused.
+- Retired rows keep their bank row until their finals are computed: for every row retired since
+  the previous ``due``, in one statistics pass per kind, in ``due`` (or at once when a kind's
+  reserve is full; those finals wait in ``backlog``, which the shell watches to publish early).
+  Churn costs passes per tick, not one per evicted run.
 
-Summary identity for de-duplication: (run_id, stream, window, seq); ``seq`` counts the ticks that
-produced summaries for that (run, stream), shared by all its windows. ``id`` joins the four.
+Summary identity for de-duplication: (group, run_id, stream, incarnation, window, seq); ``id``
+joins the six (``|`` inside a name escaped, ``windows.id_part``), so one id names one content:
+
+- ``group`` is the daemon's consumer group: two daemons of different groups writing to one output
+  topic never share an id.
+- ``incarnation`` names one life of a (run, stream) window: ``"<partition>:<offset>"``, the input
+  position of the record whose event created the row. A run that comes back after ``run_end`` or
+  an eviction (or a stream re-opened after ``MAX_STREAMS`` closed it, or after a task change)
+  starts a new row from a later record, hence a new incarnation, and ``seq`` from 0 again. Derived
+  from the input, not from a counter: a restart that re-reads the same records re-derives the
+  same incarnations, so re-published summaries keep their ids and stay de-duplicable, and nothing
+  has to be persisted for runs that are gone. One record feeds one row, so no two rows share a
+  position. Restored rows keep theirs (the changelog carries it). Where the position is unknown the
+  incarnation is ``""``: rows restored from a changelog written before incarnations (their old
+  summaries had ids without group and incarnation, so nothing collides), and events ingested
+  without ``offsets`` (tests and tools; the daemon always passes them). Only positioned ingest
+  makes ids unique across the lives of a run.
+- ``seq`` counts the ticks that produced summaries for that row, shared by all its windows.
 
 Records are plain dicts ready for ``orjson.dumps``: undefined statistics are NaN floats, which
 orjson writes as ``null`` (JSON never carries NaN or Infinity).
@@ -42,6 +63,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from metricsd.changelog import RowState
 from metricsd.config import MonitorSettings
@@ -50,7 +72,15 @@ from metricsd.profiler import Profiler
 from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
 
-__all__ = ["MAX_FUTURE", "MAX_SCALARS", "MAX_SPLITS", "MAX_STREAMS", "Monitor"]
+__all__ = [
+    "MAX_FUTURE",
+    "MAX_SCALARS",
+    "MAX_SPLITS",
+    "MAX_STREAMS",
+    "RESERVE_FRACTION",
+    "Monitor",
+    "Offsets",
+]
 
 # Prediction streams (splits) one run may hold at once: bounds the rows of the prediction banks.
 MAX_SPLITS = 8
@@ -60,6 +90,19 @@ MAX_FUTURE = 86_400.0
 MAX_SCALARS = 64  # scalar names per run (HF and Lightning log a dozen or two)
 # Streams per run in each kind group; a new stream beyond it closes the group's oldest one.
 MAX_STREAMS = {"prediction": MAX_SPLITS, "scalar": MAX_SCALARS}
+
+
+# Rows of one kind that may be retired (ended, evicted: final summaries due) at once: max_runs /
+# RESERVE_FRACTION, rounded up, the bank's rows beyond its cap. When a kind's reserve is full the
+# finals of every retired row are computed before the tick, in one pass per kind: the cost is
+# per pass, not per run, and a bank holds at most max_runs / 8 rows more than its cap.
+RESERVE_FRACTION = 8
+
+
+class Offsets(Protocol):
+    """Input offsets of a batch's events by index (a list, or a view of the consumed records)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
 
 
 class Monitor:
@@ -75,29 +118,36 @@ class Monitor:
         profiler: Profiler | None = None,
         *,
         track_changes: bool = False,
+        group: str = "",
     ) -> None:
         """``track_changes``: remember changed and removed rows for ``state_changes()`` (on when
-        the window state is backed by a changelog)."""
+        the window state is backed by a changelog). ``group``: the consumer group, part of every
+        summary id and record."""
         self.settings = settings
+        self.group = group
         self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
-        # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds.
+        # One row per run in each single-stream kind, up to MAX_STREAMS[group] in grouped kinds,
+        # plus the reserve for rows retired since the last summaries (``_retire``).
+        self._reserve = max(1, -(-settings.max_runs // RESERVE_FRACTION))
         self._kinds = [
             Kind(
                 spec,
                 settings.window,
-                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1),
+                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1) + self._reserve,
                 threshold=settings.threshold,
             )
             for spec in KINDS
         ]
+        # Rows of ended or evicted streams, per kind: still in their bank, final summaries due.
+        self._retired: dict[str, list[Row]] = {kind.name: [] for kind in self._kinds}
         self._kind = {kind.name: kind for kind in self._kinds}
         # Event type -> the collect function of the kinds it feeds (decided once, here).
         self._collect = {spec.source: spec.collect for spec in reversed(KINDS)}
         self._rows: dict[tuple[str, str], Row] = {}
         self._runs: dict[str, list[Row]] = {}
         self._partition_of: dict[str, int] = {}
-        self._ready: list[Record] = []
+        self._ready: list[Record] = []  # final summaries computed before a due (reserve full)
         # Rows changed or removed since the last ``state_changes()`` (for the changelog).
         self._changed: dict[tuple[str, str], Row] = {}
         self._removed: dict[tuple[str, str], int] = {}
@@ -107,9 +157,16 @@ class Monitor:
         # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
         self._recency = Recency(settings.idle_timeout)
         self._unstamped: list[str] = []
+        # Input positions of the batch being ingested (for the incarnation of new rows): its
+        # events, their offsets (None: unknown), and id(event) -> index, built only when a
+        # batch creates a row.
+        self._events: Sequence[Event] = ()
+        self._offsets: Offsets | None = None
+        self._where: dict[int, int] | None = None
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
         self.streams_evicted = 0  # splits and scalar names closed because of MAX_STREAMS
+        self.retire_passes = 0  # final-summary passes forced between ticks by a full reserve
 
     # -- introspection ---------------------------------------------------------------------
     @property
@@ -120,6 +177,13 @@ class Monitor:
     def runs_evicted(self) -> dict[str, int]:
         """Runs evicted (final summaries, then freed) by reason: ``idle`` and ``capacity``."""
         return {"idle": self.runs_evicted_idle, "capacity": self.runs_evicted_capacity}
+
+    @property
+    def backlog(self) -> int:
+        """Final summaries computed and waiting for the next ``due``: non-zero only when so many
+        streams ended or were evicted since the last ``due`` that the reserve filled (heavy run
+        churn); the shell then publishes early (back-pressure, docs/state.md)."""
+        return len(self._ready)
 
     @property
     def rows_tracked(self) -> int:
@@ -135,14 +199,26 @@ class Monitor:
         return [run for run, p in self._partition_of.items() if p in wanted]
 
     # -- ingest ----------------------------------------------------------------------------
-    def ingest(self, events: Sequence[Event], now: float, partition: int = -1) -> None:
+    def ingest(
+        self,
+        events: Sequence[Event],
+        now: float,
+        partition: int = -1,
+        offsets: Offsets | None = None,
+    ) -> None:
         """Add a batch of valid events (from one partition) to the windows.
 
         Values are grouped per row and written with one bulk append per row. A ``run_end`` in the
         batch first writes everything before it, then emits that run's final summaries.
+        ``offsets[i]`` is the input offset of ``events[i]`` (read only for events that start a
+        row: it names the row's incarnation); None leaves incarnations empty (see above).
         """
         with self.profiler.profile_operation("ingest", "ingest"):
-            self._ingest(events, now, partition)
+            self._events, self._offsets, self._where = events, offsets, None
+            try:
+                self._ingest(events, now, partition)
+            finally:
+                self._events, self._offsets, self._where = (), None, None
 
     def _ingest(self, events: Sequence[Event], now: float, partition: int) -> None:
         self._recency.advance(now)
@@ -194,7 +270,7 @@ class Monitor:
             }
             for p in group:
                 block, ts, latest = next(built[p.kind])
-                ref = self._row(p.run_id, p.stream, p.kind, partition, p.task, now)
+                ref = self._row(p.run_id, p.stream, p.kind, partition, p.task, now, p.first)
                 p.kind.bank.append(ref.row, block, ts)
                 values += ts.shape[0]
                 if latest is not None:
@@ -210,10 +286,12 @@ class Monitor:
         partition: int,
         task: str | None = None,
         now: float | None = None,
+        first: Event | None = None,
     ) -> Row:
         """The row of (run, stream), created if new: room is made first (capacity eviction,
         ``MAX_SPLITS``). ``now`` None (a restore, outside ingest) makes a new run active as of
-        the next ``ingest`` or ``due``."""
+        the next ``ingest`` or ``due``. ``first``: the event of the batch being ingested that
+        creates the row (its position is the incarnation); None for a restore, which sets it."""
         ref = self._rows.get((run_id, stream))
         if ref is not None and ref.kind is kind:
             return ref
@@ -226,12 +304,29 @@ class Monitor:
             self._limit_streams(run_id, kind.spec.group, at)
         if run_id not in self._runs:
             self._admit(run_id, now)
-        ref = Row(run_id, stream, kind, kind.bank.allocate(), task)
+        incarnation = "" if first is None else self._incarnation(first, partition)
+        ref = Row(
+            run_id, stream, kind, kind.bank.allocate(), task,
+            incarnation=incarnation, group=self.group,
+        )  # fmt: skip
         self._rows[(run_id, stream)] = ref
         self._runs.setdefault(run_id, []).append(ref)
         if partition >= 0:
             self._partition_of[run_id] = partition
         return ref
+
+    def _incarnation(self, first: Event, partition: int) -> str:
+        """``"<partition>:<offset>"`` of the event ``first`` of the batch being ingested."""
+        offsets = self._offsets
+        if offsets is None:
+            return ""
+        where = self._where
+        if where is None:
+            events = self._events
+            last = len(events) - 1
+            # Reversed, so that an event object given twice is found at its first place.
+            where = self._where = {id(ev): last - i for i, ev in enumerate(reversed(events))}
+        return f"{partition}:{offsets[where[id(first)]]}"
 
     # -- summaries -------------------------------------------------------------------------
     def due(self, now: float) -> list[Record]:
@@ -245,6 +340,7 @@ class Monitor:
         idle = self._recency.idle(now)
         if idle:
             self._evict(idle, now, "idle")
+        self._summarise_retired(now)
         records, self._ready = self._ready, []
         for kind in self._kinds:
             if kind.dirty:
@@ -264,21 +360,42 @@ class Monitor:
         )
 
     def end_run(self, run_id: str, now: float) -> None:
-        """Queue the run's final summaries (``final: true``) for ``due``; free its rows."""
+        """Queue the run's final summaries (``final: true``) for ``due``; the run is no longer
+        tracked (its rows are freed once the finals are computed)."""
         self._end_runs([run_id], now)
 
     def _end_runs(self, run_ids: Iterable[str], now: float) -> None:
-        """``end_run`` for several runs at once: one statistics pass per kind, not per run."""
+        """``end_run`` for several runs at once."""
         ended: list[Row] = []
         for run_id in run_ids:
             ended.extend(self._runs.get(run_id, ()))
-        by_kind: dict[int, tuple[Kind, list[Row]]] = {}
-        for ref in ended:
-            by_kind.setdefault(id(ref.kind), (ref.kind, []))[1].append(ref)
-        for kind, kind_refs in by_kind.values():
-            self._ready.extend(self._summaries(kind, kind_refs, now, final=True))
-        for ref in ended:
-            self._drop(ref)
+        self._retire(ended, now)
+
+    def _retire(self, refs: Iterable[Row], now: float) -> None:
+        """End these rows: forgotten at once (a returning run or stream gets a new row and a new
+        incarnation), their final summaries computed later, for every row retired in between,
+        in one statistics pass per kind: at the next ``due``, or now if a kind's reserve is full
+        (the bank holds at most its cap of live rows plus the reserve of retired ones)."""
+        full = False
+        for ref in refs:
+            self._drop(ref, release=False)
+            retired = self._retired[ref.kind.name]
+            retired.append(ref)
+            full = full or len(retired) >= self._reserve
+        if full:
+            self.retire_passes += 1
+            self._summarise_retired(now)
+
+    def _summarise_retired(self, now: float) -> None:
+        """The final summaries of every retired row (one pass per kind) into ``_ready``; then the
+        rows go back to their banks."""
+        for kind in self._kinds:
+            retired = self._retired[kind.name]
+            if retired:
+                self._ready.extend(self._summaries(kind, retired, now, final=True))
+                for ref in retired:
+                    kind.bank.release(ref.row)
+                self._retired[kind.name] = []
 
     # -- bounded memory --------------------------------------------------------------------
     def _mark_active(self, runs: Iterable[str], now: float) -> None:
@@ -304,10 +421,8 @@ class Monitor:
         close its oldest one of that group, with a final summary, if it has MAX_STREAMS."""
         splits = [ref for ref in self._runs[run_id] if ref.kind.spec.group == group]
         if len(splits) >= MAX_STREAMS[group]:
-            oldest = splits[0]
-            self._ready.extend(self._summaries(oldest.kind, [oldest], now, final=True))
-            self._drop(oldest)
             self.streams_evicted += 1
+            self._retire([splits[0]], now)
 
     def _evict(self, run_ids: list[str], now: float, reason: str) -> None:
         self._end_runs(run_ids, now)
@@ -321,6 +436,7 @@ class Monitor:
 
         Called when the consumer loses the partitions (rebalance): the new owner takes over.
         """
+        self._summarise_retired(now)
         for run_id in self.runs_on(partitions):
             for ref in list(self._runs.get(run_id, ())):
                 if ref.row in ref.kind.dirty:
@@ -335,15 +451,17 @@ class Monitor:
         if self.track_changes:
             self._changed[(ref.run_id, ref.stream)] = ref
 
-    def _drop(self, ref: Row, *, tombstone: bool = True) -> None:
-        """Free a row; ``tombstone`` records its removal for the changelog (not on a revoke,
-        where the state stays for the partition's next owner)."""
+    def _drop(self, ref: Row, *, tombstone: bool = True, release: bool = True) -> None:
+        """Forget a row; ``tombstone`` records its removal for the changelog (not on a revoke,
+        where the state stays for the partition's next owner); ``release`` gives its bank row
+        back (not when it is retired: its final summaries still read it)."""
         key = (ref.run_id, ref.stream)
         self._changed.pop(key, None)
         if tombstone and self.track_changes:
             self._removed[key] = self._partition_of.get(ref.run_id, -1)
         ref.kind.dirty.pop(ref.row, None)
-        ref.kind.bank.release(ref.row)
+        if release:
+            ref.kind.bank.release(ref.row)
         del self._rows[(ref.run_id, ref.stream)]
         run_refs = self._runs[ref.run_id]
         run_refs.remove(ref)
@@ -375,6 +493,7 @@ class Monitor:
         return RowState(
             run_id=ref.run_id, stream=ref.stream, kind=ref.kind.name, task=ref.task,
             seq=ref.seq, latest=ref.latest, snapshot=ref.kind.bank.snapshot(ref.row),
+            incarnation=ref.incarnation,
         )  # fmt: skip
 
     def restore(self, state: RowState, partition: int) -> None:
@@ -384,5 +503,6 @@ class Monitor:
         kind.bank.restore(ref.row, state.snapshot)
         ref.seq = state.seq
         ref.latest = state.latest
+        ref.incarnation = state.incarnation or ""
         self._changed.pop((state.run_id, state.stream), None)
         self._removed.pop((state.run_id, state.stream), None)

@@ -12,13 +12,17 @@ Operations
     * ``key_figures(record)``: the 3-5 numbers worth a glance for the record's stream kind.
     * ``throughput(series)``: steps per second between successive batch_time summaries.
 Rules
-    * ``id`` = run|stream|window|seq identifies a summary; the daemon publishes at least once, and
-      a later copy with the same id covers at least as much data (a restart re-publishes a window
-      after restoring it), so the last copy wins. A copy with identical content is a duplicate and
+    * ``id`` = group|run|stream|incarnation|window|seq identifies a summary (daemons before
+      incarnations wrote run|stream|window|seq); the daemon publishes at least once, and a later
+      copy with the same id covers at least as much data (a restart re-publishes a window after
+      restoring it), so the last copy wins. A copy with identical content is a duplicate and
       ``add`` returns False for it.
-    * The latest record of a (run, stream, window) is replaced by one with a higher or equal
-      ``seq``, or by any record once the current one is ``final`` (after a run ends, or is evicted
-      as idle, the run id starts again from seq 0).
+    * The latest record of a (run, stream, window) is replaced by one of the same incarnation
+      (and group) with a higher or equal ``seq``; by one of a later incarnation (a run that came
+      back after it ended or was evicted: same partition, larger offset); and by any other record
+      that arrives after the current one is ``final`` or comes from another group or an
+      incarnation that cannot be ordered. An older incarnation arriving late (a replay) does not
+      replace a newer one.
     * Series keep the order in which ids first arrived (the topic's order: key = run id, so one
       run's summaries share one partition) with each id holding its last copy.
 Pure: no I/O, no clock (``now`` is passed in where ages are computed).
@@ -231,8 +235,29 @@ def _classes(metrics: Mapping[str, Any]) -> float | None:
     return float(len(labels)) if isinstance(labels, list) else None
 
 
+def _position(record: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(partition, offset) of a record's incarnation, None when it has none or it is malformed."""
+    incarnation = record.get("incarnation")
+    if not isinstance(incarnation, str):
+        return None
+    partition, _, offset = incarnation.partition(":")
+    try:
+        return int(partition), int(offset)
+    except ValueError:
+        return None
+
+
 def _supersedes(new: Record, current: Record) -> bool:
-    return bool(current.get("final")) or new["seq"] >= current["seq"]
+    same_life = new.get("group") == current.get("group") and new.get("incarnation") == current.get(
+        "incarnation"
+    )
+    if same_life:
+        return bool(current.get("final")) or new["seq"] >= current["seq"]
+    if new.get("group") == current.get("group"):
+        new_at, current_at = _position(new), _position(current)
+        if new_at is not None and current_at is not None and new_at[0] == current_at[0]:
+            return new_at[1] > current_at[1]
+    return True
 
 
 class Summaries:

@@ -32,7 +32,18 @@ from metricsd.buffers import RingBank
 from metricsd.events import Attention, BatchTime, CvFold, Event, Features, Prediction, Scalar
 from metricsd.profiler import Profiler
 
-__all__ = ["KINDS", "Batch", "Kind", "KindSpec", "Pending", "Record", "Row", "summarise"]
+__all__ = [
+    "KINDS",
+    "Batch",
+    "Kind",
+    "KindSpec",
+    "Pending",
+    "Record",
+    "Row",
+    "id_part",
+    "id_prefix",
+    "summarise",
+]
 
 Record = dict[str, Any]
 BoolArray = NDArray[np.bool_]
@@ -61,6 +72,10 @@ class Row:
     task: str | None
     seq: int = 0
     latest: Record | None = None  # per-event figures of the newest event (attention, features)
+    # Which life of (run, stream) this window is: "<partition>:<offset>" of the input record
+    # that created it (the Monitor's docstring says why). Part of every summary id.
+    incarnation: str = ""
+    group: str = ""  # the daemon's consumer group: part of every summary id
 
 
 @dataclass(eq=False, slots=True)
@@ -71,6 +86,7 @@ class Pending:
     stream: str
     kind: Kind
     task: str | None
+    first: Any = None  # the row's first event of the batch: its input position names a new row
     items: list[Any] = field(default_factory=list)
     ts: list[float] = field(default_factory=list)
 
@@ -89,9 +105,11 @@ class Batch:
     rows: list[Pending] = field(default_factory=list)
     index: dict[str, dict[Any, Pending]] = field(default_factory=lambda: defaultdict(dict))
 
-    def add(self, key: Any, run_id: str, stream: str, kind: str, task: str | None) -> Pending:
-        """A new pending row for ``key`` of ``kind``."""
-        pending = self.index[kind][key] = Pending(run_id, stream, self.kinds[kind], task)
+    def add(
+        self, key: Any, first: Any, run_id: str, stream: str, kind: str, task: str | None
+    ) -> Pending:
+        """A new pending row for ``key`` of ``kind``, started by the event ``first``."""
+        pending = self.index[kind][key] = Pending(run_id, stream, self.kinds[kind], task, first)
         self.rows.append(pending)
         return pending
 
@@ -101,7 +119,7 @@ def _collect_batch_time(batch: Batch, ev: BatchTime, ts: float) -> None:
     run_id = ev.run_id
     pending = batch.index["batch_time"].get(run_id)
     if pending is None:
-        pending = batch.add(run_id, run_id, "batch_time", "batch_time", None)
+        pending = batch.add(run_id, ev, run_id, "batch_time", "batch_time", None)
     _extend(pending, ev.seconds, ts)
 
 
@@ -118,7 +136,7 @@ def _collect_scalar(batch: Batch, ev: Scalar, ts: float) -> None:
     key = (ev.run_id, ev.name)
     pending = batch.index["scalar"].get(key)
     if pending is None:
-        pending = batch.add(key, ev.run_id, f"scalar/{ev.name}", "scalar", None)
+        pending = batch.add(key, ev, ev.run_id, f"scalar/{ev.name}", "scalar", None)
     _extend(pending, ev.value, ts)
 
 
@@ -126,31 +144,32 @@ def _collect_prediction(batch: Batch, ev: Prediction, ts: float) -> None:
     key = (ev.run_id, ev.split)
     pending = batch.index[ev.task].get(key)
     if pending is None:
-        pending = batch.add(key, ev.run_id, f"prediction/{ev.split}", ev.task, ev.task)
+        pending = batch.add(key, ev, ev.run_id, f"prediction/{ev.split}", ev.task, ev.task)
     pending.items.append((ev.y_true, ev.y_pred))
     pending.ts.append(ts)
 
 
-def _collect_single(name: str, item: Any, batch: Batch, run_id: str, ts: float) -> None:
-    """One item for the one row of ``run_id`` in kind ``name`` (stream name = kind name)."""
+def _collect_single(name: str, item: Any, batch: Batch, ev: Event, ts: float) -> None:
+    """One item of ``ev`` for the one row of its run in kind ``name`` (stream name = kind)."""
+    run_id = ev.run_id
     pending = batch.index[name].get(run_id)
     if pending is None:
-        pending = batch.add(run_id, run_id, name, name, None)
+        pending = batch.add(run_id, ev, run_id, name, name, None)
     pending.items.append(item)
     pending.ts.append(ts)
 
 
 def _collect_cv(batch: Batch, ev: CvFold, ts: float) -> None:
-    _collect_single("cv", (float(ev.fold), ev.train_loss, ev.val_loss), batch, ev.run_id, ts)
+    _collect_single("cv", (float(ev.fold), ev.train_loss, ev.val_loss), batch, ev, ts)
 
 
 def _collect_attention(batch: Batch, ev: Attention, ts: float) -> None:
-    _collect_single("attention", ev.weights, batch, ev.run_id, ts)
+    _collect_single("attention", ev.weights, batch, ev, ts)
 
 
 def _collect_features(batch: Batch, ev: Features, ts: float) -> None:
     for vector in ev.values:
-        _collect_single("features", vector, batch, ev.run_id, ts)
+        _collect_single("features", vector, batch, ev, ts)
 
 
 # -- build: the pending rows of one kind -> channel values, timestamps, newest figures ---------
@@ -446,11 +465,25 @@ def _windows(kind: Kind, rows: IntArray, time_windows: Sequence[float]) -> list[
     return computed
 
 
+def id_part(text: str) -> str:
+    """One component of a summary id: ``|`` and ``\\`` escaped with a backslash, so that the
+    joined id names one (group, run, stream, incarnation, window, seq) whatever the names hold."""
+    if "|" not in text and "\\" not in text:
+        return text
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def id_prefix(ref: Row) -> str:
+    """``group|run|stream|incarnation|``: the part of a summary id fixed for one window's life."""
+    return f"{id_part(ref.group)}|{id_part(ref.run_id)}|{id_part(ref.stream)}|{ref.incarnation}|"
+
+
 def _records(
     refs: list[Row], computed: list[_Computed], totals: list[int], now: float, final: bool
 ) -> list[Record]:
     """Summary records: one per row and window, windows outermost; then each row's seq + 1."""
     records: list[Record] = []
+    prefixes = [id_prefix(ref) for ref in refs]
     for c in computed:
         window = c.window
         tag = (
@@ -463,6 +496,7 @@ def _records(
         last = np.where(np.isfinite(c.last), c.last, np.nan).tolist()
         truncated = c.truncated.tolist() if c.truncated is not None else None
         for i, ref in enumerate(refs):
+            prefix = prefixes[i]
             metrics = c.per_row[i]
             if ref.latest is not None:
                 metrics["latest"] = ref.latest
@@ -470,8 +504,10 @@ def _records(
             record: Record = {
                 "type": "summary",
                 "schema_version": 1,
-                "id": f"{ref.run_id}|{ref.stream}|{tag}|{ref.seq}",
+                "id": f"{prefix}{tag}|{ref.seq}",
+                "group": ref.group,
                 "run_id": ref.run_id,
+                "incarnation": ref.incarnation,
                 "stream": ref.stream,
                 "window": w,
                 "count": counts[i],

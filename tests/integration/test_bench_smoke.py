@@ -26,7 +26,7 @@ def test_quick_benchmark_run_produces_every_figure_and_target(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "latest.json").read_text())
     benches = {figure["bench"] for figure in result["figures"]}
-    assert {"ingest", "tick", "profiler", "latency", "memory", "emitter"} <= benches
+    assert {"ingest", "tick", "profiler", "latency", "memory", "emitter", "churn"} <= benches
     assert all(figure["n"] >= 1 for figure in result["figures"])
     missing = [t["name"] for t in result["targets"] if t["value"] is None]
     assert not missing, f"targets without a measurement: {missing}"
