@@ -228,7 +228,10 @@ async def _watch(service: Service, target: int, stop: asyncio.Event, timing: _Ti
         await asyncio.sleep(0.005)
 
 
-async def _daemon(bootstrap: str, topic: str, group: str, target: int, partitions: int) -> _Timing:
+async def _daemon(
+    bootstrap: str, topic: str, group: str, target: int, partitions: int, http_port: int = 0
+) -> _Timing:
+    """``http_port`` 0: no HTTP server (bench/scrape.py measures one side by side)."""
     settings = Settings(
         bootstrap_servers=bootstrap,
         input_topic=topic,
@@ -238,6 +241,7 @@ async def _daemon(bootstrap: str, topic: str, group: str, target: int, partition
         profile_interval=_HOUR,
         stats_interval=_HOUR,
         partitions=partitions,
+        http_port=http_port,
     )
     stop = asyncio.Event()
     if _HOOK:

@@ -13,9 +13,11 @@ the summary topic may see a summary twice; ``id`` (run, stream, window, seq) de-
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ import structlog
 from metricsd import kafka
 from metricsd.changelog import Changelog, Restore, Restored, RowState
 from metricsd.config import Settings
-from metricsd.events import Decoder, Event, InvalidEvent
+from metricsd.events import BatchTime, Decoder, Event, InvalidEvent
 from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
@@ -50,6 +52,12 @@ class Counters:
     commits: int = 0
     ticks: int = 0
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
+    by_type: Counter[type] = field(default_factory=Counter)  # events by class (for /metrics)
+    restore_records: int = 0  # changelog records read by restores
+
+
+def _ignore(_: Any) -> None:
+    return None
 
 
 class Pipeline:
@@ -77,6 +85,11 @@ class Pipeline:
         self._outbox: Outbox | None = None
         self._topics: Topics | None = None
         self._consumer: Any = None
+        self.restoring = 0  # partitions whose state is being restored now
+        # Observers (metricsd.exposition's per-run series): every summary record published, and
+        # the runs forgotten when their partitions are revoked.
+        self.on_summaries: Callable[[list[dict[str, Any]]], None] = _ignore
+        self.on_released: Callable[[list[str]], None] = _ignore
 
     def use_producer(self, producer: Any) -> None:
         """The started producer: every record goes out through one outbox."""
@@ -162,6 +175,11 @@ class Pipeline:
             self.monitor.ingest(events, now, tp.partition)
             self.counters.records += len(records)
             self.counters.events += len(events)
+            # Events by type: one C-speed pass when the batch is all batch times (the usual case).
+            if operator.countOf(map(type, events), BatchTime) == len(events):
+                self.counters.by_type[BatchTime] += len(events)
+            else:
+                self.counters.by_type.update(map(type, events))
             for error, record in bad:
                 await self._dead_letter(error, record, now)
             self._consumed[tp] = records[-1].offset + 1
@@ -201,6 +219,7 @@ class Pipeline:
         for record in records:
             await self.outbox.send(output, record["run_id"].encode(), encode(record))
         self.counters.summaries += len(records)
+        self.on_summaries(records)
 
     # -- tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
@@ -267,11 +286,13 @@ class Pipeline:
         """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
         async with self._lock:
             await self._tick()
+            gone = self.monitor.runs_on(tp.partition for tp in revoked)
             released = self.monitor.release_partitions(
                 (tp.partition for tp in revoked), time.time()
             )
             # Dirty data was published by the tick above: this is normally empty.
             await self._publish_summaries(released)
+            self.on_released(gone)
             await self.outbox.settle()
             for tp in revoked:
                 self._consumed.pop(tp, None)
@@ -286,6 +307,7 @@ class Pipeline:
             self.assigned |= assigned
             self.changelog.assign(tp.partition for tp in assigned)
             if self.settings.changelog and assigned:
+                self.restoring = len(assigned)
                 try:
                     await self._restore(assigned)
                 except Exception as exc:
@@ -293,6 +315,8 @@ class Pipeline:
                     # stop instead, loudly; the next start (or the next owner) restores again.
                     log.error("state_restore_failed", error=repr(exc))
                     self.fatal = exc
+                finally:
+                    self.restoring = 0
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def _restore(self, assigned: set[kafka.TopicPartition]) -> None:
@@ -325,6 +349,7 @@ class Pipeline:
             timeout=s.restore_timeout,
         )
         restored = restore.result()
+        self.counters.restore_records += restored.records
         await self._handle_lost_state(restored)
         for p, state in restored.rows:
             self.monitor.restore(state, p)
