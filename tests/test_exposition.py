@@ -288,10 +288,12 @@ def test_health_series_have_the_daemons_figures() -> None:
         (Health(started=True, assigned=2, fetched=False), "no fetch"),
         (Health(started=True, assigned=2, fetched=True, last_tick_ok=False), "last tick"),
         (Health(started=True, assigned=2, fetched=True), None),
+        (Health(started=True, assigned=2, fetched=True, stopping=True), "stopping"),
     ],
 )
 def test_readiness(health: Health, reason: str | None) -> None:
-    """Ready only when started, assigned, restored, fetched, and the last tick went through."""
+    """Ready only when started, assigned, restored, fetched, the last tick went through, and
+    not shutting down."""
     got = not_ready(health)
     assert got == reason if reason is None else (got is not None and reason in got)
 
@@ -415,3 +417,39 @@ def test_a_failing_page_is_a_500_and_the_server_goes_on() -> None:
             await probes.stop()
 
     asyncio.run(main())
+
+
+# -- from the pipeline ---------------------------------------------------------------------------
+
+
+def test_the_pipeline_counts_consumed_events_by_type() -> None:
+    """Pipeline.consume counts events by type, on the all-batch-time fast path and otherwise, and
+    the service's health snapshot carries them (not ready before it subscribed)."""
+    from metricsd import kafka
+    from metricsd.config import Settings
+    from metricsd.service import Service
+
+    service = Service(Settings(http_port=0))
+    tp = kafka.TopicPartition("training.events", 0)
+
+    def records(*docs: dict[str, Any]) -> list[Any]:
+        return [
+            kafka.ConsumerRecord(tp.topic, 0, i, 0, 0, None, orjson.dumps(d), None, 0, 0, [])
+            for i, d in enumerate(docs)
+        ]
+
+    batch = {"type": "batch_time", "run_id": "r", "seconds": 0.1}
+    asyncio.run(service.pipeline.consume({tp: records(batch, batch, batch)}))
+    scalar = {"type": "scalar", "run_id": "r", "name": "loss", "value": 1.0}
+    asyncio.run(
+        service.pipeline.consume(
+            {tp: records(batch, scalar, scalar, {"type": "run_end", "run_id": "r"})}
+        )
+    )
+    health = service.health()
+    assert dict(health.events_by_type) == {BatchTime: 4, Scalar: 2, RunEnd: 1}
+    assert not_ready(health) == "starting: waiting for the broker"
+    got = samples(service.exposition.render())
+    assert got[key("metricsd_events_consumed_total", type="batch_time")] == 4
+    assert got[key("metricsd_evictions_total", reason="run_end")] == 1
+    assert got[key("metricsd_ready")] == 0

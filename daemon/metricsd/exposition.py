@@ -87,12 +87,16 @@ class Health:
     assigned: int = 0
     fetched: bool = False  # every assigned partition has returned a fetch since its assignment
     last_tick_ok: bool = True
+    stopping: bool = False  # a signal arrived: the final tick and shutdown are under way
 
 
 def not_ready(h: Health) -> str | None:
     """Why the daemon is not ready (one line), or None when it is: it must own partitions, have
     their state restored, have fetched from each since the assignment, and its last tick must
-    have published and committed everything (else the broker is unreachable or refusing)."""
+    have published and committed everything (else the broker is unreachable or refusing); a
+    daemon that is shutting down is not ready (so that a load balancer stops sending to it)."""
+    if h.stopping:
+        return "stopping"
     if not h.started:
         return "starting: waiting for the broker"
     if h.restore_pending:

@@ -77,6 +77,7 @@ class Service:
         self._consumer: Any = None
         self._flushed = True  # the final tick published and committed everything
         self._subscribed = False
+        self._stop: asyncio.Event | None = None
         self._profiler_overhead = float("nan")
         self.exposition = Exposition(
             self.health,
@@ -97,6 +98,7 @@ class Service:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         if self.http is not None:
             try:
                 await self.http.start()
@@ -320,6 +322,7 @@ class Service:
             assigned=len(p.assigned),
             fetched=fetched,
             last_tick_ok=p.settled,
+            stopping=self._stop is not None and self._stop.is_set(),
         )
 
     async def _publish_profile(self, interval: float) -> None:

@@ -285,9 +285,10 @@ PHASES = ("starting", "no partitions", "restoring", "no fetch")
 
 
 def phases(seen: list[tuple[int, str]]) -> list[int]:
-    """The start-up phase of each 503 answer (they must come in this order)."""
+    """The start-up phase of each 503 answer (they must come in this order); a failed tick can
+    come at any time, "stopping" comes last."""
     return [
         next(i for i, phase in enumerate(PHASES) if body.startswith(phase))
         for status, body in seen
-        if status == 503 and not body.startswith("the last tick")
+        if status == 503 and not body.startswith(("the last tick", "stopping"))
     ]
