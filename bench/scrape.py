@@ -167,6 +167,7 @@ def run(sizes: Sizes, log: Callable[[str], None]) -> list[Figure]:
         {"changelog": False, "monitor": MonitorSettings(time_windows=())} if sizes.quick else {}
     )
     topic = "bench.scrape"
+    scrapes = 3 if sizes.quick else 5
     with DevBroker() as broker:
         bootstrap = broker.bootstrap
         records = scalar_records(target, RUNS, sizes.partitions)
@@ -184,7 +185,7 @@ def run(sizes: Sizes, log: Callable[[str], None]) -> list[Figure]:
         def measure_on(rep: int) -> None:
             group = f"bench-scrape-on-{rep}-{time.time_ns()}"
             timing, n, rendered, after = asyncio.run(
-                _scraped(bootstrap, topic, group, target, sizes.partitions, 5, **quick)
+                _scraped(bootstrap, topic, group, target, sizes.partitions, scrapes, **quick)
             )
             on.samples.append(target / timing.seconds)
             during.append(n)
@@ -225,7 +226,7 @@ def run(sizes: Sizes, log: Callable[[str], None]) -> list[Figure]:
     if sizes.quick:
         off.note += "; quick: off and on ran at the same time"
     scrape.note = (
-        f"median of 5 GETs after a tick (first rebuilds the page); slowest per rep: "
+        f"median of {scrapes} GETs after a tick (first rebuilds the page); slowest per rep: "
         f"{', '.join(f'{t:.1f}' for t in slowest)} ms"
     )
     render_share.note = "render() only: the HTTP handling around it is not counted"
