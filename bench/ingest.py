@@ -228,17 +228,29 @@ async def _watch(service: Service, target: int, stop: asyncio.Event, timing: _Ti
         await asyncio.sleep(0.005)
 
 
-async def _daemon(bootstrap: str, topic: str, group: str, target: int, partitions: int) -> _Timing:
-    settings = Settings(
-        bootstrap_servers=bootstrap,
-        input_topic=topic,
-        output_topic=f"{topic}.out",
-        group_id=group,
-        interval=_HOUR,
-        profile_interval=_HOUR,
-        stats_interval=_HOUR,
-        partitions=partitions,
-    )
+def _settings(
+    bootstrap: str, topic: str, group: str, partitions: int, **overrides: Any
+) -> Settings:
+    """The measured daemon's settings: the defaults, but no tick, profile or stats line while it
+    is timed, and no HTTP port (bench/scrape.py measures one side by side)."""
+    given: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "input_topic": topic,
+        "output_topic": f"{topic}.out",
+        "group_id": group,
+        "interval": _HOUR,
+        "profile_interval": _HOUR,
+        "stats_interval": _HOUR,
+        "partitions": partitions,
+        "http_port": 0,
+    }
+    return Settings(**(given | overrides))
+
+
+async def _daemon(
+    bootstrap: str, topic: str, group: str, target: int, partitions: int, **overrides: Any
+) -> _Timing:
+    settings = _settings(bootstrap, topic, group, partitions, **overrides)
     stop = asyncio.Event()
     if _HOOK:
         service: Service = _TimedService(settings, target, stop)

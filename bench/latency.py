@@ -219,6 +219,8 @@ async def _repetition(bootstrap: str, sizes: Sizes, rep: int, workdir: Path) -> 
             f"{sizes.latency_interval:g}",
             "--partitions",
             str(partitions),
+            "--http-port",  # no HTTP server: the default port may be taken by another daemon
+            "0",
         ],
         workdir / f"daemon-{rep}.log",
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import emitter, ingest, latency, memory, tick
+from bench import emitter, ingest, latency, memory, scrape, tick
 from bench.common import REPO, Figure, Sizes, Target, machine
 
 __all__ = ["main", "render", "targets"]
@@ -30,6 +30,7 @@ _BENCHES: dict[str, Callable[[Sizes, Callable[[str], None]], list[Figure]]] = {
     "memory": memory.run,
     "emitter": emitter.run,
     "churn": memory.run_churn,
+    "scrape": scrape.run,
 }
 
 
@@ -159,6 +160,24 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
                 "%",
             )
         )
+    result += [
+        Target(
+            "scrape: ingest ≤ 2% slower with /metrics scraped every 1 s",
+            _find(figures, "scrape", "ingest slowdown, HTTP on + scraped vs off"),
+            "<=",
+            2.0,
+            None,
+            "%",
+        ),
+        Target(
+            "scrape: /metrics with 10,000 runs ≤ 200 ms",
+            _find(figures, "scrape", "scrape /metrics, 10,000 runs tracked"),
+            "<=",
+            200.0,
+            None,
+            "ms",
+        ),
+    ]
     return result
 
 

@@ -526,6 +526,12 @@ class Settings:
     restore_timeout: float = setting(
         120.0, "seconds restoring state on a partition assignment may take"
     )
+    # Prometheus exposition and probes (metricsd.probes): one HTTP port on the event loop.
+    http_port: int = setting(9464, "port of /metrics, /livez and /readyz (0: no HTTP server)")
+    http_host: str = setting("0.0.0.0", "address the HTTP server binds to")
+    per_run_metrics: bool = setting(
+        True, "per-run gauges (label run_id, at most max-runs runs) on /metrics (true/false)"
+    )
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     security: Security = field(default_factory=Security)  # TLS/SASL of every Kafka client
     instance: str = ""  # "" means "<host>-<pid>"; no flag
@@ -547,6 +553,8 @@ class Settings:
         _check(self.partitions >= 1, f"partitions must be >= 1, got {self.partitions}")
         _seconds("shutdown-timeout", self.shutdown_timeout, 0.1, 3600.0)
         _check(self.max_records >= 1, f"max-records must be >= 1, got {self.max_records}")
+        _check(0 <= self.http_port <= 65535, f"http-port must be 0 to 65535, got {self.http_port}")
+        _check(bool(self.http_host.strip()), "http-host must not be empty")
 
     def topics(self) -> dict[str, int]:
         """The topics the daemon creates when missing (name -> partitions); the changelog is

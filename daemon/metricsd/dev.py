@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import sys
 from typing import Any, TextIO
 
@@ -42,15 +43,24 @@ async def run(
             f"metricsd dev: embedded Tansu broker on {broker.bootstrap} (pid {broker.pid})",
             file=out,
         )
-        settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap)
+        settings = dataclasses.replace(
+            settings, bootstrap_servers=broker.bootstrap, http_port=_http_port(settings)
+        )
         job = dataclasses.replace(sim, bootstrap_servers=broker.bootstrap, duration=0.0)
         await kafka.ensure_topics(broker.bootstrap, settings.topics(), security=settings.security)
         daemon_stop, sim_stop = asyncio.Event(), asyncio.Event()
+        daemon = service.Service(settings)
         tasks = [
-            asyncio.create_task(service.run(settings, daemon_stop), name="daemon"),
+            asyncio.create_task(daemon.run(daemon_stop), name="daemon"),
             asyncio.create_task(simulate.produce(job, sim_stop), name="simulator"),
             asyncio.create_task(_print_summaries(broker.bootstrap, settings, out), name="printer"),
         ]
+        started = asyncio.create_task(daemon.http_started.wait())
+        await asyncio.wait([started, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if daemon.http is not None and daemon.http_started.is_set():
+            url = daemon.http.url
+            print(f"metricsd dev: {url}/metrics, {url}/livez, {url}/readyz", file=out)
         what = "torch training runs (metricsd.Emitter)" if sim.train else "simulated runs"
         print(
             f"metricsd dev: {sim.runs} {what} at {sim.rate:g} steps/s; summaries every "
@@ -75,6 +85,19 @@ async def run(
         with contextlib.suppress(asyncio.CancelledError):
             await tasks[2]
     print("metricsd dev: stopped", file=out)
+
+
+def _http_port(settings: Settings) -> int:
+    """The configured HTTP port, or a free one when it is taken (a daemon already runs here)."""
+    if not settings.http_port:
+        return 0
+    with socket.socket() as sock:
+        try:
+            sock.bind((settings.http_host, settings.http_port))
+            return settings.http_port
+        except OSError:
+            sock.bind((settings.http_host, 0))
+            return int(sock.getsockname()[1])
 
 
 async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None:

@@ -14,10 +14,11 @@ de-duplicates.
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import structlog
 from metricsd import kafka
 from metricsd.changelog import Changelog, Restore, Restored, RowState
 from metricsd.config import Settings
-from metricsd.events import Decoder, Event, InvalidEvent
+from metricsd.events import BatchTime, Decoder, Event, InvalidEvent
 from metricsd.logs import RateLimiter
 from metricsd.monitor import Monitor
 from metricsd.outbox import Outbox
@@ -54,6 +55,8 @@ class Counters:
     before_checkpoint: int = 0  # fetched again after a restore, already in the windows: skipped
     reduced: Counter[str] = field(default_factory=Counter)  # summaries reduced to fit, by form
     early_ticks: int = 0  # ticks run before their time because of BACKLOG_RECORDS
+    by_type: Counter[type] = field(default_factory=Counter)  # events by class (for /metrics)
+    restore_records: int = 0  # changelog records read by restores
 
 
 # Final summaries of ended and evicted runs that may wait for the tick (Monitor.backlog): beyond
@@ -81,6 +84,10 @@ class _Offsets:
 
     def __getitem__(self, index: int) -> int:
         return int(self._records[index].offset)
+
+
+def _ignore(_: Any) -> None:
+    return None
 
 
 class Pipeline:
@@ -113,6 +120,11 @@ class Pipeline:
         self._letter_caps = dead_letter_caps(kafka.MAX_REQUEST_SIZE)  # (value, key) copy limits
         self._churn_slice = max(100, min(SLICE_RECORDS, settings.monitor.max_runs))
         self._slice: int | None = None  # records per ingest while runs are evicted, else all
+        self.restoring = 0  # partitions whose state is being restored now
+        # Observers (metricsd.exposition's per-run series): every summary record published, and
+        # the runs forgotten when their partitions are revoked.
+        self.on_summaries: Callable[[list[dict[str, Any]]], None] = _ignore
+        self.on_released: Callable[[list[str]], None] = _ignore
 
     def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
         """The started producer: every record goes out through one outbox, sized against
@@ -210,6 +222,11 @@ class Pipeline:
             self._slice = self._churn_slice if churning else None
             self.counters.records += len(records)
             self.counters.events += len(events)
+            # Events by type: one C-speed pass when the batch is all batch times (the usual case).
+            if operator.countOf(map(type, events), BatchTime) == len(events):
+                self.counters.by_type[BatchTime] += len(events)
+            else:
+                self.counters.by_type.update(map(type, events))
             for error, record in bad:
                 await self._dead_letter(error, record, now)
             self._consumed[tp] = records[-1].offset + 1
@@ -289,6 +306,7 @@ class Pipeline:
                 self._reduced(record, form, len(value), room)
             await self.outbox.send(output, key, value, ident=record["id"])
         self.counters.summaries += len(records)
+        self.on_summaries(records)
 
     def _reduced(self, record: dict[str, Any], form: str, size: int, room: int) -> None:
         self.counters.reduced[form] += 1
@@ -368,11 +386,13 @@ class Pipeline:
         """Publish and commit everything consumed so far, then forget the runs of ``revoked``."""
         async with self._lock:
             await self._tick()
+            gone = self.monitor.runs_on(tp.partition for tp in revoked)
             released = self.monitor.release_partitions(
                 (tp.partition for tp in revoked), time.time()
             )
             # Dirty data was published by the tick above: this is normally empty.
             await self._publish_summaries(released)
+            self.on_released(gone)
             await self.outbox.settle()
             for tp in revoked:
                 self._consumed.pop(tp, None)
@@ -399,6 +419,7 @@ class Pipeline:
                 self.assigned |= assigned
                 self.changelog.assign(tp.partition for tp in assigned)
                 if restoring:
+                    self.restoring = len(assigned)
                     try:
                         await self._restore(assigned)
                     except Exception as exc:
@@ -406,6 +427,8 @@ class Pipeline:
                         # stop instead, loudly; the next start (or the next owner) restores again.
                         log.error("state_restore_failed", error=repr(exc))
                         self.fatal = exc
+                    finally:
+                        self.restoring = 0
         finally:
             if restoring and self.fatal is None:
                 self._consumer.resume(*assigned)
@@ -441,6 +464,7 @@ class Pipeline:
             timeout=s.restore_timeout,
         )
         restored = restore.result()
+        self.counters.restore_records += restored.records
         await self._handle_lost_state(restored)
         for p, state in restored.rows:
             self.monitor.restore(state, p)

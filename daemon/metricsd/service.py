@@ -16,6 +16,10 @@ producer and the group consumer, then loops until ``stop`` is set:
 
 Shutdown (SIGTERM/SIGINT set ``stop``): a final tick, flush, commit, then the clients stop in
 reverse order of start-up, and one ``stopped`` line with the counts.
+
+The HTTP port (``/metrics``, ``/livez``, ``/readyz``: :mod:`metricsd.probes`) is served from the
+same event loop; it starts first, so the probes answer while the daemon waits for the broker and
+joins the group, and stops last.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import structlog
 
 from metricsd import kafka
 from metricsd.config import Settings
+from metricsd.exposition import Exposition, Health, not_ready
 from metricsd.pipeline import Pipeline
+from metricsd.probes import Probes
 from metricsd.profiler import Profiler
 from metricsd.records import encode, profile_record
 from metricsd.topics import MessageLimits
@@ -71,9 +77,46 @@ class Service:
         self._producer: Any = None
         self._consumer: Any = None
         self._flushed = True  # the final tick published and committed everything
+        self._subscribed = False
+        self._stop: asyncio.Event | None = None
+        self._profiler_overhead = float("nan")
+        self.exposition = Exposition(
+            self.health,
+            max_runs=settings.monitor.max_runs,
+            per_run_metrics=settings.per_run_metrics,
+        )
+        self.pipeline.on_summaries = self.exposition.runs.update
+        self.pipeline.on_released = self.exposition.runs.forget
+        self.http: Probes | None = None
+        if settings.http_port:
+            self.http = Probes(
+                settings.http_host,
+                settings.http_port,
+                self.exposition.render,
+                lambda: not_ready(self.health()),
+            )
+        self.http_started = asyncio.Event()  # set once the HTTP server listens (or is off)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise ServiceFailed(
+                    f"cannot listen on {self.settings.http_host}:{self.settings.http_port} "
+                    f"(--http-port, 0 disables): {exc}"
+                ) from exc
+            log.info("http_listening", url=self.http.url, paths=["/metrics", "/livez", "/readyz"])
+        self.http_started.set()
+        try:
+            await self._run(stop)
+        finally:
+            if self.http is not None:
+                await self.http.stop()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         # An unreachable broker at start-up is waited for (with backoff and a warning per
         # attempt) until it comes or a signal arrives; refused TLS/SASL fails at once.
@@ -116,6 +159,7 @@ class Service:
                     [s.input_topic],
                     listener=kafka.Partitions(self.pipeline.revoke, self.pipeline.assign),
                 )
+                self._subscribed = True
                 log.info(
                     "started",
                     instance=self.instance,
@@ -248,10 +292,48 @@ class Service:
         await self.pipeline.consume(batch)
 
     async def tick(self) -> None:
+        started = time.perf_counter()
         await self.pipeline.tick()
+        self.exposition.observe_tick(time.perf_counter() - started, time.time())
+
+    def health(self) -> Health:
+        """The state ``/metrics`` and ``/readyz`` show (taken at each scrape)."""
+        p, c = self.pipeline, self.counters
+        consumer = self._consumer if self._subscribed else None
+        lag: dict[tuple[str, int], int] = {}
+        fetched = bool(p.assigned)
+        for tp in p.assigned:
+            high = consumer.highwater(tp) if consumer is not None else None
+            if high is None:  # no fetch response for it since the assignment
+                fetched = False
+                continue
+            position = p.consumed.get(tp)
+            if position is not None:  # else nothing consumed yet: the position is not known here
+                lag[(tp.topic, tp.partition)] = max(0, high - position)
+        outbox = p.outbox if self._subscribed else None
+        return Health(
+            events_by_type=c.by_type,
+            dead_letters_by_reason=c.invalid,
+            summaries=c.summaries,
+            publish_failures=outbox.failures if outbox is not None else 0,
+            publish_dropped=outbox.dropped if outbox is not None else 0,
+            lag=lag,
+            runs_tracked=self.monitor.runs_tracked,
+            evictions=self.monitor.runs_evicted,
+            restore_pending=p.restoring,
+            restore_records=c.restore_records,
+            profiler_overhead=self._profiler_overhead,
+            started=self._subscribed,
+            assigned=len(p.assigned),
+            fetched=fetched,
+            last_tick_ok=p.settled,
+            stopping=self._stop is not None and self._stop.is_set(),
+        )
 
     async def _publish_profile(self, interval: float) -> None:
         body = self.profiler.report(interval)
+        overhead = body["overhead_fraction"]
+        self._profiler_overhead = float("nan") if overhead is None else float(overhead)
         record = profile_record(body, instance=self.instance, emitted_at=time.time())
         log.info(
             "profile",

@@ -28,7 +28,12 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METRICSD_")}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "metricsd.cli", "run", "--log-format", "json", *self.args],
+                # No HTTP port unless a test asks for one (``--http-port`` in ``args`` wins):
+                # several daemons at once must not all bind the default 9464.
+                [
+                    *(sys.executable, "-m", "metricsd.cli", "run", "--log-format", "json"),
+                    *("--http-port", "0", *self.args),
+                ],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
