@@ -34,7 +34,8 @@ Decisions callers rely on:
 - Additional properties are ignored (forward compatibility). An optional field (``ts``, ``step``,
   ``split``) may be absent or null; both mean "not given". ``split`` defaults to ``"val"``.
 - Booleans are never numbers. An integer-valued float (``3.0``) is an integer, as JSON Schema's
-  "integer" says: ``step``, ``fold`` and class labels accept it and are converted to ``int``.
+  "integer" says: ``step``, ``fold``, ``rank`` and class labels accept it and are converted to
+  ``int``. ``rank`` (batch_time, scalar) is optional and at most 1,000,000.
   ``step`` and ``fold`` are at most 2**63 - 1 (the schemas say so), so they fit int64.
 - Binary labels are 0 or 1 (y_true and y_pred alike): another integer is ``label_out_of_range``,
   a non-integer is ``schema``. Multiclass labels: integers in ``[0, max_classes)``.
@@ -136,12 +137,14 @@ class InvalidEvent(ValueError):
 
 @dataclass(slots=True, frozen=True, eq=False)
 class BatchTime:
-    """Durations of one or more training batches: ``seconds`` is a float or a 1-D float64 array."""
+    """Durations of one or more training batches: ``seconds`` is a float or a 1-D float64 array;
+    ``rank`` the worker that sent them (distributed training), None when not sent."""
 
     run_id: str
     ts: float | None
     step: int | None
     seconds: float | NDArray[np.float64]
+    rank: int | None = None
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -213,6 +216,7 @@ _bt_run_id = BatchTime.__dict__["run_id"].__set__
 _bt_ts = BatchTime.__dict__["ts"].__set__
 _bt_step = BatchTime.__dict__["step"].__set__
 _bt_seconds = BatchTime.__dict__["seconds"].__set__
+_bt_rank = BatchTime.__dict__["rank"].__set__
 
 _Doc: TypeAlias = dict[str, Any]
 
@@ -289,11 +293,15 @@ class Decoder:
             seconds = self._floats(seconds, "seconds", nonnegative=True)
         else:
             raise _schema("seconds", _SECONDS, seconds)
+        rank = doc.get("rank")
+        if rank is not None and (type(rank) is not int or not 0 <= rank <= _MAX_RANK):
+            rank = _rank(rank)
         event = _new(BatchTime)
         _bt_run_id(event, run_id)
         _bt_ts(event, ts)
         _bt_step(event, step)
         _bt_seconds(event, seconds)
+        _bt_rank(event, rank)
         return event
 
     def _prediction(self, doc: _Doc) -> Prediction:
@@ -359,8 +367,8 @@ class Decoder:
         if step is not None:
             step = _index("step", step)
         rank = doc.get("rank")
-        if rank is not None and _index("rank", rank) > _MAX_RANK:
-            raise _schema("rank", f"an integer in [0, {_MAX_RANK}] (or null)", rank)
+        if rank is not None:
+            _rank(rank)
         name = doc.get("name")
         if type(name) is not str or not 0 < len(name) <= _MAX_NAME:
             raise _schema("name", "a string of 1 to 256 characters", name)
@@ -510,6 +518,14 @@ def _index(field: str, value: Any) -> int:
     if type(value) is float and value.is_integer() and 0 <= value <= _I64_MAX:
         return int(value)
     raise _schema(field, _INDEX, value)
+
+
+def _rank(value: Any) -> int:
+    """The optional ``rank`` of batch_time and scalar: an integer in [0, _MAX_RANK]."""
+    integral = type(value) is int or (type(value) is float and value.is_integer())
+    if integral and 0 <= value <= _MAX_RANK:
+        return int(value)
+    raise _schema("rank", f"an integer in [0, {_MAX_RANK}] (or null)", value)
 
 
 def _number(field: str, value: Any) -> float:
