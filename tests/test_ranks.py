@@ -237,3 +237,22 @@ def test_key_figures_of_a_ranks_summary() -> None:
         figures["slowest"].value == pytest.approx(0.3) and figures["slowest"].text() == "300.0 ms"
     )
     assert figures["p50"].value == pytest.approx(0.1)
+
+
+def test_a_simulated_distributed_run_names_its_slow_rank() -> None:
+    """TrainingJob(ranks=8, slow_rank=5) sends one ranked batch_time per rank and step; through
+    the monitor its ranks summary has 8 ranks and stragglers == [5]. ranks=0 keeps the plain
+    job's events exactly (same seed, same documents)."""
+    from metricsd.simulate import TrainingJob
+
+    job = TrainingJob("d", np.random.default_rng(1), steps=300, ranks=8, slow_rank=5)
+    monitor = Monitor(MonitorSettings(window=200, time_windows=()))
+    for step in range(300):
+        docs = [d for d in job.events(1000.0 + step) if d["type"] == "batch_time"]
+        assert [d["rank"] for d in docs] == list(range(8))
+        monitor.ingest([ev(**d) for d in docs], now=1000.0 + step)
+    m = ranks_records(monitor.due(2000.0))["d"]["metrics"]
+    assert m["ranks"] == 8 and m["stragglers"] == [5]
+    jobs = [TrainingJob("p", np.random.default_rng(2), steps=60, **kw) for kw in ({}, {"ranks": 0})]
+    plain, again = ([d for t in range(60) for d in j.events(5.0 + t)] for j in jobs)
+    assert plain == again and len(plain) > 60 and all("rank" not in d for d in plain)
