@@ -256,3 +256,18 @@ def test_a_simulated_distributed_run_names_its_slow_rank() -> None:
     jobs = [TrainingJob("p", np.random.default_rng(2), steps=60, **kw) for kw in ({}, {"ranks": 0})]
     plain, again = ([d for t in range(60) for d in j.events(5.0 + t)] for j in jobs)
     assert plain == again and len(plain) > 60 and all("rank" not in d for d in plain)
+
+
+def test_the_schema_holds_a_ranks_summary_to_its_metrics_object() -> None:
+    """A ranks record without stragglers, with a time window or a listed rank lacking its z is
+    invalid: the schema checks the ranks metrics, not just any metrics object."""
+    rec = orjson.loads(encode(run_ranks({r: np.full(3, 0.1 + r) for r in range(3)})))
+    VALIDATOR.validate(rec)
+    bad_metrics = {k: v for k, v in rec["metrics"].items() if k != "stragglers"}
+    slowest = [{k: v for k, v in s.items() if k != "z"} for s in rec["metrics"]["slowest"]]
+    for bad in (
+        {**rec, "metrics": bad_metrics},
+        {**rec, "window": {"kind": "time", "seconds": 60.0, "truncated": False}},
+        {**rec, "metrics": {**rec["metrics"], "slowest": slowest}},
+    ):
+        assert not VALIDATOR.is_valid(bad)
