@@ -306,3 +306,26 @@ def test_ranks_figure_bars_are_the_latest_medians_stragglers_in_red(tmp_path: Pa
     assert {"ranks.png", "scalars.png"} <= written
     assert distinct_hues(png_pixels(tmp_path / "ranks.png")) >= 2
     assert "ranks" not in report.build_figures(summaries, "nope")
+
+
+def test_straggler_z_figure_follows_the_ranks_summaries(tmp_path: Path) -> None:
+    """ranks_z: the slowest rank's z of every ranks summary as one line, the threshold as a
+    dashed line, red marks exactly at the summaries with stragglers; the page embeds it."""
+    from metricsd import report
+    from metricsd.summaries import Summaries
+
+    records = distributed_records()
+    summaries = Summaries()
+    summaries.extend(records)
+    ranks = [r for r in records if r["stream"] == "ranks"]
+    fig = report.build_figures(summaries, "dist")["ranks_z"]
+    (ax,) = fig.axes
+    line, threshold, marks = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), [r["metrics"]["max_z"] for r in ranks])
+    assert list(threshold.get_ydata()) == [3.5, 3.5]
+    assert len(marks.get_xdata()) == sum(r["metrics"]["straggler_count"] > 0 for r in ranks)
+    assert "robust z" in ax.get_ylabel()
+    report.write_report(summaries, "dist", tmp_path)
+    assert distinct_hues(png_pixels(tmp_path / "ranks_z.png")) >= 2
+    assert 'id="ranks_z"' in (tmp_path / "index.html").read_text()
+    assert "ranks_z" not in report.build_figures(summaries, "nope")

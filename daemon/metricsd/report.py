@@ -24,6 +24,8 @@ scalars.png                      one panel per scalar/<name> (loss names first, 
 ranks.png                        per-rank median step time of the latest ranks summary (the
                                  16 slowest ranks it lists), stragglers in red, the run's
                                  median of medians as a line
+ranks_z.png                      the slowest rank's robust z over time (max_z of each ranks
+                                 summary), the straggler threshold, windows with stragglers
 index.html                       headline numbers and every figure above, embedded as base64
 ===============================  ==========================================================
 
@@ -675,6 +677,34 @@ def _ranks(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
     return {"ranks": fig}
 
 
+def _ranks_z(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
+    """The slowest rank's robust z over time against the straggler threshold."""
+    series = summaries.series(run, "ranks")
+    xs = [clock.x(r) for r in series]
+    top = [_dig(r, "max_z") for r in series]
+    if not _has_data(top):
+        return {}
+    fig, (ax,) = _new_figure()
+    ax.plot(xs, top, color="tab:purple", linewidth=1.6, label="slowest rank's robust z",
+            marker="o" if len(xs) <= 12 else None)  # fmt: skip
+    threshold = _dig(series[-1], "threshold")
+    if math.isfinite(threshold):
+        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.2,
+                   label=f"straggler threshold (z = {threshold:g})")  # fmt: skip
+    flagged = [(x, z, _dig(r, "straggler_count")) for x, z, r in zip(xs, top, series, strict=True)]
+    flagged = [(x, z) for x, z, n in flagged if math.isfinite(n) and n > 0]
+    if flagged:
+        ax.plot([x for x, _ in flagged], [z for _, z in flagged], linestyle="none", marker="o",
+                color="tab:red", markersize=5, label="windows with stragglers")  # fmt: skip
+    ax.set_ylabel("robust z of the slowest rank's median")
+    if max(z for z in top if math.isfinite(z)) > 30:
+        # Tight ranks make a slow one's z run into the hundreds: log above 10 keeps the
+        # threshold readable next to them.
+        ax.set_yscale("symlog", linthresh=10)
+    _finish(fig, [ax], f"Straggler score, {_window_text(series[-1])}: run {run}", clock)
+    return {"ranks_z": fig}
+
+
 def build_figures(summaries: Summaries, run: str) -> dict[str, Any]:
     """``{name: matplotlib Figure}`` for every figure of ``run`` with data, in report order."""
     records = [r for s in summaries.streams(run) for r in summaries.series(run, s)]
@@ -690,6 +720,7 @@ def build_figures(summaries: Summaries, run: str) -> dict[str, Any]:
         _features,
         _scalars,
         _ranks,
+        _ranks_z,
     )
     for build in builders:
         figures.update(build(summaries, run, clock))
@@ -741,6 +772,8 @@ _CAPTIONS = {
     "marks where the window held non-finite values (NaN or infinite), with the largest count.",
     "ranks": "Median step time of each rank in the latest ranks summary; red bars are "
     "stragglers (robust z of the rank's median above the threshold); dashed: the ranks' median.",
+    "ranks_z": "Robust z of the slowest rank's median step time against the run's ranks, per "
+    "ranks summary; above the dashed threshold that rank is a straggler.",
 }
 
 
