@@ -691,8 +691,10 @@ def _ranks_z(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
     if math.isfinite(threshold):
         ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.2,
                    label=f"straggler threshold (z = {threshold:g})")  # fmt: skip
-    flagged = [(x, z, _dig(r, "straggler_count")) for x, z, r in zip(xs, top, series, strict=True)]
-    flagged = [(x, z) for x, z, n in flagged if math.isfinite(n) and n > 0]
+    counts = [_dig(r, "straggler_count") for r in series]
+    flagged = [
+        (x, z) for x, z, n in zip(xs, top, counts, strict=True) if math.isfinite(n) and n > 0
+    ]
     if flagged:
         ax.plot([x for x, _ in flagged], [z for _, z in flagged], linestyle="none", marker="o",
                 color="tab:red", markersize=5, label="windows with stragglers")  # fmt: skip
