@@ -271,3 +271,16 @@ def test_the_schema_holds_a_ranks_summary_to_its_metrics_object() -> None:
         {**rec, "metrics": {**rec["metrics"], "slowest": slowest}},
     ):
         assert not VALIDATOR.is_valid(bad)
+
+
+def test_the_simulators_first_run_slot_is_distributed_the_others_not() -> None:
+    """metricsd simulate (and so metricsd dev) sends ranks for its first run slot only: 4 ranks,
+    rank 2 three times slower; the other slots' batch_time events carry no rank."""
+    from metricsd.config import SimulateSettings
+    from metricsd.simulate import SIMULATED_RANKS, SIMULATED_SLOW_RANK, _job
+
+    rng = np.random.default_rng(0)
+    jobs = [_job(SimulateSettings(), slot, slot, rng) for slot in range(3)]
+    ranks = [[e.get("rank") for e in job.events(1.0) if e["type"] == "batch_time"] for job in jobs]
+    assert ranks == [list(range(SIMULATED_RANKS)), [None], [None]]
+    assert (jobs[0].ranks, jobs[0].slow_rank) == (4, SIMULATED_SLOW_RANK) == (4, 2)

@@ -158,6 +158,21 @@ class TrainingJob:
         }
 
 
+# The first run slot of a simulation is a distributed run (the others send no rank): its
+# ranks summary shows in ``metricsd dev``, one rank three times slower than the others.
+SIMULATED_RANKS = 4
+SIMULATED_SLOW_RANK = 2
+
+
+def _job(
+    settings: SimulateSettings, slot: int, number: int, rng: np.random.Generator
+) -> TrainingJob:
+    """The job of run slot ``slot`` (slot 0: distributed, ``SIMULATED_RANKS`` ranks)."""
+    ranks, slow = (SIMULATED_RANKS, SIMULATED_SLOW_RANK) if slot == 0 else (0, None)
+    return TrainingJob(f"run-{settings.seed}-{number}", np.random.default_rng(rng.integers(2**32)),
+                       ranks=ranks, slow_rank=slow)  # fmt: skip
+
+
 async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
     """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set
     (``settings.train``: :func:`train` instead); the number of steps."""
@@ -169,10 +184,7 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
         security=settings.security,
     )
     rng = np.random.default_rng(settings.seed)
-    runs = [
-        TrainingJob(f"run-{settings.seed}-{i}", np.random.default_rng(rng.integers(2**32)))
-        for i in range(settings.runs)
-    ]
+    runs = [_job(settings, i, i, rng) for i in range(settings.runs)]
     next_id = settings.runs
     producer = kafka.producer(settings.bootstrap_servers, security=settings.security)
     await producer.start()
@@ -197,9 +209,7 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
                     )
                 sent += 1
                 if job.done:
-                    runs[i] = TrainingJob(
-                        f"run-{settings.seed}-{next_id}", np.random.default_rng(rng.integers(2**32))
-                    )
+                    runs[i] = _job(settings, i, next_id, rng)
                     next_id += 1
             await asyncio.sleep(period)
         await producer.flush()
