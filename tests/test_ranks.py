@@ -11,6 +11,8 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from metricsd import stats
 from metricsd.config import MonitorSettings
 from metricsd.events import Decoder
@@ -284,3 +286,37 @@ def test_the_simulators_first_run_slot_is_distributed_the_others_not() -> None:
     ranks = [[e.get("rank") for e in job.events(1.0) if e["type"] == "batch_time"] for job in jobs]
     assert ranks == [list(range(SIMULATED_RANKS)), [None], [None]]
     assert (jobs[0].ranks, jobs[0].slow_rank) == (4, SIMULATED_SLOW_RANK) == (4, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    per_rank=st.dictionaries(
+        st.integers(0, 40),
+        st.lists(
+            st.sampled_from([0.0, 0.1, 0.25, 1.0]) | st.floats(0, 10), min_size=1, max_size=12
+        ),
+        min_size=1,
+        max_size=24,
+    ),
+    window=st.integers(1, 8),
+)
+def test_any_ranks_summary_matches_numpy(per_rank: dict[int, list[float]], window: int) -> None:
+    """For any ranks and step times (ties and MAD 0 frequent), the ranks summary's per-rank
+    counts, medians and p95 over each rank's newest ``window`` values, its z-scores, top-16
+    order and stragglers equal numpy's."""
+    seconds = {r: np.array(v) for r, v in per_rank.items()}
+    got = run_ranks(seconds, window=window)["metrics"]
+    kept = {r: v[-window:] for r, v in seconds.items()}
+    medians = np.array([np.median(v) for v in kept.values()])
+    z = dict(zip(kept, oracle_z(medians), strict=True))
+    order = sorted(kept, key=lambda r: (-np.median(kept[r]), list(kept).index(r)))
+    assert got["ranks"] == len(kept) and got["count"] == sum(len(v) for v in kept.values())
+    assert [s["rank"] for s in got["slowest"]] == order[:TOP_RANKS]
+    for s in got["slowest"]:
+        v = kept[s["rank"]]
+        assert s["count"] == len(v)
+        assert s["median"] == pytest.approx(np.median(v), rel=1e-12, abs=1e-12)
+        assert s["p95"] == pytest.approx(np.percentile(v, 95), rel=1e-12, abs=1e-12)
+        assert s["z"] == pytest.approx(z[s["rank"]], rel=1e-9, abs=1e-9)
+    slow = [r for r in order if z[r] > STRAGGLER_Z]
+    assert got["stragglers"] == slow[:TOP_RANKS] and got["straggler_count"] == len(slow)
