@@ -128,6 +128,33 @@ def test_every_call_sends_records_that_validate_and_the_daemon_accepts() -> None
     assert sender.user_scalars("acc")[0]["step"] == 3
 
 
+def test_coalesced_batch_times_carry_the_rank_and_ranks_never_share_an_event() -> None:
+    """Two ranks' emitters of one run into one sender: every batch_time record (each coalescing
+    several calls) decodes to a BatchTime with its emitter's rank, and holds only that emitter's
+    values (one Encoder per emitter: different ranks cannot be coalesced together)."""
+    sender = FakeSender()
+    ems = [make(sender, rank=r) for r in (0, 1)]
+    for step in range(50):
+        for r, em in enumerate(ems):
+            em.batch_time(r + step / 100, step=step)
+    for em in ems:
+        assert em.close()
+    seen: dict[int, list[float]] = {0: [], 1: []}
+    coalesced = 0
+    for key, value in sender.records:
+        doc = valid(key, value)
+        if doc["type"] != "batch_time":
+            continue
+        event = DECODER.decode(key, value)
+        assert event.rank == doc["rank"] in (0, 1)
+        values = flat(doc["seconds"])
+        coalesced += len(values) > 1
+        assert all(int(v) == event.rank for v in values)  # rank r sent only r + step/100
+        seen[event.rank].extend(values)
+    assert coalesced > 0
+    assert seen == {r: [r + step / 100 for step in range(50)] for r in (0, 1)}
+
+
 def test_rank_is_absent_when_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

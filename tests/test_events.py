@@ -231,6 +231,7 @@ def valid_docs(draw: st.DrawFn, kinds: tuple[str, ...] = EVENT_TYPES) -> dict[st
     fields: dict[str, Any] = {"ts": draw(_opt(nonneg))}
     if kind == "batch_time":
         fields["step"] = draw(_opt(st.integers(0, 2**63 - 1) | st.integers(0, 2**40).map(float)))
+        fields["rank"] = draw(_opt(st.integers(0, 1_000_000) | st.sampled_from([0.0, 7.0])))
         fields["seconds"] = draw(nonneg | st.lists(nonneg, min_size=1, max_size=6))
     elif kind == "prediction":
         task = draw(st.sampled_from(["binary", "multiclass", "regression"]))
@@ -375,6 +376,7 @@ def test_valid_documents_decode_to_their_values(doc: dict[str, Any]) -> None:
         else:
             assert type(event.seconds) is float and event.seconds == float(seconds)
         assert event.step == doc.get("step") and type(event.step) in (int, type(None))
+        assert event.rank == doc.get("rank") and type(event.rank) in (int, type(None))
     elif isinstance(event, Prediction):
         dtype = np.float64 if doc["task"] == "regression" else np.int64
         assert event.task == doc["task"] and event.split == (doc.get("split") or "val")
@@ -407,6 +409,7 @@ def test_valid_documents_decode_to_their_values(doc: dict[str, Any]) -> None:
 SWEEP_BASES = [
     {"type": "batch_time", "run_id": "r1", "ts": 1.5, "step": 3, "seconds": 0.25},
     {"type": "batch_time", "run_id": "r1", "seconds": [0.25, 1]},
+    {"type": "batch_time", "run_id": "r1", "rank": 1_000_000, "seconds": 0.25},
     {
         "type": "prediction",
         "run_id": "r1",
@@ -663,6 +666,24 @@ def test_scalar_batch_time_is_a_plain_float() -> None:
     assert type(event) is BatchTime
     assert (event.run_id, event.ts, event.step, event.seconds) == ("r17", 1764000000.0, 42, 1.0)
     assert (type(event.ts), type(event.step), type(event.seconds)) == (float, int, float)
+
+
+@pytest.mark.parametrize(
+    ("rank", "want"),
+    [(None, None), (0, 0), (7.0, 7), (1_000_000, 1_000_000), (1_000_001, "schema"), (-1, "schema"),
+     (True, "schema"), (2.5, "schema"), ("3", "schema")],
+)  # fmt: skip
+def test_batch_time_rank(rank: Any, want: Any) -> None:
+    """rank is optional: absent or null is None, an integer (or integer-valued float) in
+    [0, 1,000,000] is an int, anything else is a schema error, as for scalar's rank."""
+    doc = {"type": "batch_time", "run_id": "r1", "seconds": 0.5, "rank": rank}
+    if want == "schema":
+        assert reason_of(None, dumps(doc)) == "schema"
+        scalar = {**doc, "type": "scalar", "name": "x", "value": 1}
+        assert reason_of(None, dumps(scalar)) == "schema"
+        return
+    event = DECODER.decode(None, dumps(doc))
+    assert isinstance(event, BatchTime) and event.rank == want and type(event.rank) is type(want)
 
 
 def test_decoded_batch_time_is_frozen_like_a_constructed_one() -> None:

@@ -112,6 +112,7 @@ EVERY_FIGURE = {
     "cv",
     "attention",
     "features",
+    "scalars",
 }
 
 
@@ -119,7 +120,7 @@ EVERY_FIGURE = {
 def test_report_writes_every_figure_and_an_html_page_that_embeds_them(
     run: str, records: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    """A run with every stream gets all seven PNGs (sane size, at least two hues) and a page
+    """A run with every stream gets all eight PNGs (sane size, at least two hues) and a page
     embedding each one, with its headline numbers."""
     from metricsd import report
 
@@ -232,3 +233,99 @@ def test_a_run_without_summaries_exits_1_with_a_page_saying_so(
     assert report.main(["--run", "nope", "--input", str(source), "--out", str(tmp_path)]) == 1
     assert not list(tmp_path.glob("*.png"))
     assert "No summaries of this run" in (tmp_path / "index.html").read_text()
+
+
+def distributed_records(*, ticks: int = 12, nan_ticks: tuple[int, ...] = (4,)) -> list[Any]:
+    """Summaries of run "dist": 8 ranks (rank 5 three times slower) and scalars loss (a null now
+    and then), lr and emitter/dropped, as a consumer sees them."""
+    decoder = Decoder()
+    monitor = Monitor(MonitorSettings(window=100, time_windows=()))
+    rng = np.random.default_rng(2)
+    out = []
+    for tick in range(ticks):
+        now = 1_764_000_000.0 + 5 * tick
+        docs: list[dict[str, Any]] = [
+            {"type": "batch_time", "run_id": "dist", "rank": r, "ts": now,
+             "seconds": (rng.lognormal(-2.5, 0.1, 10) * (3 if r == 5 else 1)).tolist()}
+            for r in range(8)
+        ]  # fmt: skip
+        loss: list[float | None] = (np.exp(-tick / 5) + rng.normal(0, 0.01, 10)).tolist()
+        if tick in nan_ticks:
+            loss[2] = None
+        for name, value in (("lr", 1e-3), ("emitter/dropped", 0.0), ("loss", loss)):
+            docs.append(
+                {"type": "scalar", "run_id": "dist", "name": name, "ts": now, "value": value}
+            )
+        monitor.ingest([decoder.decode(None, orjson.dumps(d)) for d in docs], now)
+        out.extend(monitor.due(now))
+    return [orjson.loads(encode(r)) for r in out]
+
+
+def test_scalar_figure_one_panel_per_name_loss_first_non_finite_marked() -> None:
+    """scalars: a panel per name (loss first, the emitter's own last), each with the window
+    means as its line; the loss panel marks exactly the summaries whose window held a null."""
+    from metricsd import report
+    from metricsd.summaries import Summaries
+
+    records = distributed_records()
+    summaries = Summaries(run="dist")
+    summaries.extend(records)
+    fig = report.build_figures(summaries, "dist")["scalars"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "lr", "emitter/dropped"]
+    assert all(axes_with_data(fig))
+    loss = [r for r in records if r["stream"] == "scalar/loss"]
+    mean_line, *marks = fig.axes[0].get_lines()
+    np.testing.assert_allclose(mean_line.get_ydata(), [r["metrics"]["mean"] for r in loss])
+    assert len(marks) == 1
+    marked = sum(r["metrics"]["non_finite"] > 0 for r in loss)
+    assert marked == len(loss) - 4 and len(marks[0].get_xdata()) == marked  # from tick 4 on
+    assert all(len(ax.get_lines()) == 1 for ax in fig.axes[1:])  # no non-finite there
+
+
+def test_ranks_figure_bars_are_the_latest_medians_stragglers_in_red(tmp_path: Path) -> None:
+    """ranks: one bar per rank of the latest ranks summary, height = its median (ms), red bars
+    exactly the summary's stragglers; written as ranks.png; a run without ranks has none."""
+    from matplotlib.colors import to_rgba
+    from metricsd import report
+    from metricsd.summaries import Summaries
+
+    summaries = Summaries()
+    summaries.extend(distributed_records())
+    latest = summaries.latest("dist", "ranks")
+    assert latest is not None and latest["metrics"]["stragglers"] == [5]
+    fig = report.build_figures(summaries, "dist")["ranks"]
+    (ax,) = fig.axes
+    bars = sorted(ax.patches, key=lambda p: p.get_x())
+    medians = {s["rank"]: s["median"] for s in latest["metrics"]["slowest"]}
+    np.testing.assert_allclose([b.get_height() for b in bars],
+                               [medians[r] * 1000 for r in range(8)])  # fmt: skip
+    red = [i for i, b in enumerate(bars) if b.get_facecolor() == to_rgba("tab:red")]
+    assert red == [5]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(r) for r in range(8)]
+    written = {p.name for p in report.write_report(summaries, "dist", tmp_path)}
+    assert {"ranks.png", "scalars.png"} <= written
+    assert distinct_hues(png_pixels(tmp_path / "ranks.png")) >= 2
+    assert "ranks" not in report.build_figures(summaries, "nope")
+
+
+def test_straggler_z_figure_follows_the_ranks_summaries(tmp_path: Path) -> None:
+    """ranks_z: the slowest rank's z of every ranks summary as one line, the threshold as a
+    dashed line, red marks exactly at the summaries with stragglers; the page embeds it."""
+    from metricsd import report
+    from metricsd.summaries import Summaries
+
+    records = distributed_records()
+    summaries = Summaries()
+    summaries.extend(records)
+    ranks = [r for r in records if r["stream"] == "ranks"]
+    fig = report.build_figures(summaries, "dist")["ranks_z"]
+    (ax,) = fig.axes
+    line, threshold, marks = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), [r["metrics"]["max_z"] for r in ranks])
+    assert list(threshold.get_ydata()) == [3.5, 3.5]
+    assert len(marks.get_xdata()) == sum(r["metrics"]["straggler_count"] > 0 for r in ranks)
+    assert "robust z" in ax.get_ylabel()
+    report.write_report(summaries, "dist", tmp_path)
+    assert distinct_hues(png_pixels(tmp_path / "ranks_z.png")) >= 2
+    assert 'id="ranks_z"' in (tmp_path / "index.html").read_text()
+    assert "ranks_z" not in report.build_figures(summaries, "nope")

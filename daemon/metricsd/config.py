@@ -257,6 +257,11 @@ class MonitorSettings:
     )
     max_array: int = setting(10_000, "longest array accepted in one event (longer: dead-lettered)")
     max_classes: int = setting(1000, "multiclass labels must be below this (else dead-lettered)")
+    max_ranks: int = setting(
+        256,
+        "ranks per run with their own step-time window (the ranks summary); values of further "
+        "ranks are counted as dropped there (they still count in batch_time)",
+    )
     max_runs: int = setting(
         10_000,
         "runs tracked at once; a new run beyond this evicts the least recently active one "
@@ -281,6 +286,10 @@ class MonitorSettings:
         _check(
             2 <= self.max_classes <= 100_000,
             f"max-classes must be in 2..100000, got {self.max_classes}",
+        )
+        _check(
+            1 <= self.max_ranks <= 100_000,
+            f"max-ranks must be in 1..100000, got {self.max_ranks}",
         )
         _check(
             1 <= self.max_runs <= 10_000_000,

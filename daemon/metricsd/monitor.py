@@ -70,7 +70,7 @@ from metricsd.config import MonitorSettings
 from metricsd.events import Event, RunEnd
 from metricsd.profiler import Profiler
 from metricsd.recency import Recency
-from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise
+from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise, summarise_ranks
 
 __all__ = [
     "MAX_FUTURE",
@@ -134,7 +134,9 @@ class Monitor:
             Kind(
                 spec,
                 settings.window,
-                max_rows=settings.max_runs * MAX_STREAMS.get(spec.group, 1) + self._reserve,
+                max_rows=settings.max_runs
+                * (settings.max_ranks if spec.group == "rank" else MAX_STREAMS.get(spec.group, 1))
+                + self._reserve,
                 threshold=settings.threshold,
             )
             for spec in KINDS
@@ -142,6 +144,11 @@ class Monitor:
         # Rows of ended or evicted streams, per kind: still in their bank, final summaries due.
         self._retired: dict[str, list[Row]] = {kind.name: [] for kind in self._kinds}
         self._kind = {kind.name: kind for kind in self._kinds}
+        self._ranks = self._kind["rank"]
+        # Ranks: values of ranks beyond max_ranks, per run (in its ranks summary) and in all.
+        self._rank_dropped: dict[str, int] = {}
+        self.rank_values_dropped = 0
+        self._ranks_used = False
         # Event type -> the collect function of the kinds it feeds (decided once, here).
         self._collect = {spec.source: spec.collect for spec in reversed(KINDS)}
         self._rows: dict[tuple[str, str], Row] = {}
@@ -191,8 +198,11 @@ class Monitor:
 
     @property
     def window_bytes(self) -> int:
-        """Bytes of all window arrays (what memory use should be proportional to)."""
-        return sum(kind.bank.nbytes for kind in self._kinds)
+        """Bytes of all window arrays (what memory use should be proportional to). The rank bank
+        counts once a run sent ranks: until then its arrays are zero pages never touched."""
+        return sum(
+            kind.bank.nbytes for kind in self._kinds if kind is not self._ranks or self._ranks_used
+        )
 
     def runs_on(self, partitions: Iterable[int]) -> list[str]:
         wanted = set(partitions)
@@ -270,6 +280,10 @@ class Monitor:
             }
             for p in group:
                 block, ts, latest = next(built[p.kind])
+                if p.kind is self._ranks and not self._rank_room(p.run_id, p.stream):
+                    self._rank_dropped[p.run_id] = self._rank_dropped.get(p.run_id, 0) + len(ts)
+                    self.rank_values_dropped += len(ts)
+                    continue
                 ref = self._row(p.run_id, p.stream, p.kind, partition, p.task, now, p.first)
                 p.kind.bank.append(ref.row, block, ts)
                 values += ts.shape[0]
@@ -299,7 +313,7 @@ class Monitor:
             # The task of a prediction stream changed (e.g. binary -> regression): the old window
             # is meaningless for the new task, so it is closed and a new one starts.
             self._drop(ref)
-        elif kind.spec.group and run_id in self._runs:
+        elif kind.spec.group in MAX_STREAMS and run_id in self._runs:
             at = self._recency.clock if now is None else now
             self._limit_streams(run_id, kind.spec.group, at)
         if run_id not in self._runs:
@@ -309,6 +323,7 @@ class Monitor:
             run_id, stream, kind, kind.bank.allocate(), task,
             incarnation=incarnation, group=self.group,
         )  # fmt: skip
+        self._ranks_used = self._ranks_used or kind is self._ranks
         self._rows[(run_id, stream)] = ref
         self._runs.setdefault(run_id, []).append(ref)
         if partition >= 0:
@@ -350,6 +365,8 @@ class Monitor:
         return records
 
     def _summaries(self, kind: Kind, refs: list[Row], now: float, *, final: bool) -> list[Record]:
+        if kind is self._ranks:
+            return self._ranks_summaries(refs, now, final=final)
         return summarise(
             kind,
             refs,
@@ -358,6 +375,48 @@ class Monitor:
             time_windows=self.settings.time_windows,
             profiler=self.profiler,
         )
+
+    def _ranks_summaries(self, refs: list[Row], now: float, *, final: bool) -> list[Record]:
+        """One ``ranks`` record per run among ``refs``, over ALL its rank rows (a changed rank
+        re-ranks every other); those rows are no longer dirty."""
+        if final:
+            groups = self._retired_lives(refs)
+        else:
+            runs: dict[str, list[Row]] = {}
+            for ref in refs:
+                if ref.run_id not in runs:
+                    mine = [r for r in self._runs[ref.run_id] if r.kind is self._ranks]
+                    runs[ref.run_id] = mine
+                    for r in mine:
+                        self._ranks.dirty.pop(r.row, None)
+            groups = list(runs.values())
+        return summarise_ranks(
+            self._ranks, groups, now, final=final,
+            dropped=self._rank_dropped, profiler=self.profiler,
+        )  # fmt: skip
+
+    @staticmethod
+    def _retired_lives(refs: list[Row]) -> list[list[Row]]:
+        """Retired rank rows grouped by run life: a run's rows are retired together (run_end or
+        eviction retires every row of the run at once), so one life is a contiguous stretch of
+        one run id in which each rank appears once; a rank seen again starts the next life of
+        the same run (it ended, came back and ended again between two ticks)."""
+        groups: list[list[Row]] = []
+        streams: set[str] = set()
+        for ref in refs:
+            if not groups or groups[-1][0].run_id != ref.run_id or ref.stream in streams:
+                groups.append([])
+                streams = set()
+            groups[-1].append(ref)
+            streams.add(ref.stream)
+        return groups
+
+    def _rank_room(self, run_id: str, stream: str) -> bool:
+        """Whether the rank row (run, stream) exists or the run has fewer than max_ranks."""
+        if (run_id, stream) in self._rows or run_id not in self._runs:
+            return True
+        ranks = sum(1 for r in self._runs[run_id] if r.kind is self._ranks)
+        return ranks < self.settings.max_ranks
 
     def end_run(self, run_id: str, now: float) -> None:
         """Queue the run's final summaries (``final: true``) for ``due``; the run is no longer
@@ -467,6 +526,7 @@ class Monitor:
         run_refs.remove(ref)
         if not run_refs:
             del self._runs[ref.run_id]
+            self._rank_dropped.pop(ref.run_id, None)
             self._partition_of.pop(ref.run_id, None)
             self._recency.forget(ref.run_id)
 

@@ -18,6 +18,14 @@ quality_<split>.png              per prediction stream: f1/accuracy/precision/re
 cv.png                           mean train and validation loss over the folds, ± 95% CI
 attention.png                    attention entropy and concentration (window mean, min-max band)
 features.png                     feature sparsity and L2 norm (window mean, min-max band)
+scalars.png                      one panel per scalar/<name> (loss names first, at most
+                                 MAX_SCALAR_PANELS): window mean, min-max band, and a red
+                                 mark with the count where the window held non-finite values
+ranks.png                        per-rank median step time of the latest ranks summary (the
+                                 16 slowest ranks it lists), stragglers in red, the run's
+                                 median of medians as a line
+ranks_z.png                      the slowest rank's robust z over time (max_z of each ranks
+                                 summary), the straggler threshold, windows with stragglers
 index.html                       headline numbers and every figure above, embedded as base64
 ===============================  ==========================================================
 
@@ -52,7 +60,15 @@ from metricsd.summaries import (
 )
 from metricsd.tail import add_connection_flags, read_records, security_from
 
-__all__ = ["build_figures", "build_parser", "headline", "load_file", "main", "write_report"]
+__all__ = [
+    "MAX_SCALAR_PANELS",
+    "build_figures",
+    "build_parser",
+    "headline",
+    "load_file",
+    "main",
+    "write_report",
+]
 
 Record = dict[str, Any]
 
@@ -67,6 +83,10 @@ _COLOURS = {
 }
 _FIGSIZE = (9.0, 4.2)
 _DPI = 100
+# One colour per scalar panel; red is kept for the non-finite marks.
+_PANEL_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:cyan",
+                  "tab:olive", "tab:pink")  # fmt: skip
+MAX_SCALAR_PANELS = 8  # panels of scalars.png; further names are left out (the title says so)
 
 
 def load_file(path: Path, run: str | None = None) -> Summaries:
@@ -520,6 +540,173 @@ def _features(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
     return {"features": fig}
 
 
+def _scalar_order(name: str) -> tuple[int, str]:
+    """Loss names first (``loss``, then ``*loss*``), the emitter's own scalars last."""
+    if name == "loss":
+        return (0, name)
+    if "loss" in name:
+        return (1, name)
+    return (3 if name.startswith("emitter/") else 2, name)
+
+
+def _scalars(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
+    """One panel per scalar name with data: window mean, min-max band, non-finite marks."""
+    names = sorted(
+        (s[len("scalar/") :] for s in summaries.streams(run) if s.startswith("scalar/")),
+        key=_scalar_order,
+    )
+    panels = [(n, summaries.series(run, f"scalar/{n}")) for n in names]
+    panels = [(n, series) for n, series in panels if series]
+    panels = [(n, s) for n, s in panels if _has_data([_dig(r, "mean") for r in s])]
+    if not panels:
+        return {}
+    shown = panels[:MAX_SCALAR_PANELS]
+    fig, axes = _new_figure(len(shown), height=1.0 + 2.1 * len(shown))
+    for ax, (name, series), colour in zip(axes, shown, _PANEL_COLOURS, strict=False):
+        xs = [clock.x(r) for r in series]
+        mean = [_dig(r, "mean") for r in series]
+        ax.plot(
+            xs,
+            mean,
+            color=colour,
+            linewidth=1.6,
+            label="window mean",
+            marker="o" if len(xs) <= 12 else None,
+        )
+        low = [_dig(r, "min") for r in series]
+        high = [_dig(r, "max") for r in series]
+        if _has_data(low) and _has_data(high):
+            ax.fill_between(xs, low, high, color=colour, alpha=0.18, label="min to max")
+        bad = [(x, _dig(r, "non_finite")) for x, r in zip(xs, series, strict=True)]
+        bad = [(x, n) for x, n in bad if math.isfinite(n) and n > 0]
+        if bad:
+            top = ax.get_ylim()[1]
+            ax.plot(
+                [x for x, _ in bad],
+                [top] * len(bad),
+                linestyle="none",
+                marker="v",
+                color="tab:red",
+                markersize=7,
+                clip_on=False,
+                label=f"non-finite in window (max {max(n for _, n in bad):.0f})",
+            )
+            ax.set_ylim(top=top)
+        ax.set_ylabel(name if len(name) <= 24 else name[:22] + "…", fontsize=9)
+    more = len(panels) - len(shown)
+    extra = f" ({more} more names not shown)" if more else ""
+    _finish(fig, axes, f"Scalars, {_window_text(shown[0][1][-1])}: run {run}{extra}", clock)
+    return {"scalars": fig}
+
+
+def _ranks(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
+    """Bars of the latest ranks summary: each listed rank's median step time, stragglers red."""
+    latest = summaries.latest(run, "ranks")
+    if latest is None:
+        return {}
+    metrics = latest.get("metrics") or {}
+    listed = [s for s in metrics.get("slowest") or [] if isinstance(s, Mapping)]
+    bars = sorted(
+        (
+            (int(s["rank"]), _num(s.get("median")), _num(s.get("z")))
+            for s in listed
+            if isinstance(s.get("rank"), int) and math.isfinite(_num(s.get("median")))
+        ),
+    )
+    if not bars:
+        return {}
+    stragglers = {r for r in metrics.get("stragglers") or [] if isinstance(r, int)}
+    scale, unit = _seconds_unit([m for _, m, _ in bars])
+    fig, (ax,) = _new_figure()
+    positions = list(range(len(bars)))
+    threshold = _dig(latest, "threshold")
+    for slow, colour, label in (
+        (False, "tab:blue", "rank"),
+        (True, "tab:red", f"straggler (robust z > {threshold:g})"),
+    ):
+        mine = [
+            (x, m)
+            for x, (r, m, _) in zip(positions, bars, strict=True)
+            if (r in stragglers) == slow
+        ]
+        if mine:
+            ax.bar(
+                [x for x, _ in mine],
+                [m * scale for _, m in mine],
+                color=colour,
+                width=0.7,
+                label=label,
+            )
+    for x, (r, m, z) in zip(positions, bars, strict=True):
+        if r in stragglers and math.isfinite(z):
+            ax.annotate(
+                f"z = {z:.1f}",
+                (x, m * scale),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    centre = _dig(latest, "median")
+    if math.isfinite(centre):
+        ax.axhline(
+            centre * scale,
+            color="tab:gray",
+            linestyle="--",
+            linewidth=1.2,
+            label="median of the ranks' medians",
+        )
+    ax.set_xticks(positions, [str(r) for r, _, _ in bars])
+    ax.set_xlabel("rank")
+    ax.set_ylabel(f"median step time ({unit})")
+    ax.set_ylim(bottom=0)
+    ranks = _num(metrics.get("ranks"))
+    shown = (
+        f"the {len(bars)} slowest of {ranks:.0f} ranks"
+        if ranks > len(bars)
+        else (f"{len(bars)} ranks")
+    )
+    _finish(
+        fig,
+        [ax],
+        f"Per-rank step time, {shown}, {_window_text(latest)}: run {run}",
+        clock,
+        time_axis=False,
+    )
+    return {"ranks": fig}
+
+
+def _ranks_z(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
+    """The slowest rank's robust z over time against the straggler threshold."""
+    series = summaries.series(run, "ranks")
+    xs = [clock.x(r) for r in series]
+    top = [_dig(r, "max_z") for r in series]
+    if not _has_data(top):
+        return {}
+    fig, (ax,) = _new_figure()
+    ax.plot(xs, top, color="tab:purple", linewidth=1.6, label="slowest rank's robust z",
+            marker="o" if len(xs) <= 12 else None)  # fmt: skip
+    threshold = _dig(series[-1], "threshold")
+    if math.isfinite(threshold):
+        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.2,
+                   label=f"straggler threshold (z = {threshold:g})")  # fmt: skip
+    counts = [_dig(r, "straggler_count") for r in series]
+    flagged = [
+        (x, z) for x, z, n in zip(xs, top, counts, strict=True) if math.isfinite(n) and n > 0
+    ]
+    if flagged:
+        ax.plot([x for x, _ in flagged], [z for _, z in flagged], linestyle="none", marker="o",
+                color="tab:red", markersize=5, label="windows with stragglers")  # fmt: skip
+    ax.set_ylabel("robust z of the slowest rank's median")
+    if max(z for z in top if math.isfinite(z)) > 30:
+        # Tight ranks make a slow one's z run into the hundreds: log above 10 keeps the
+        # threshold readable next to them.
+        ax.set_yscale("symlog", linthresh=10)
+    _finish(fig, [ax], f"Straggler score, {_window_text(series[-1])}: run {run}", clock)
+    return {"ranks_z": fig}
+
+
 def build_figures(summaries: Summaries, run: str) -> dict[str, Any]:
     """``{name: matplotlib Figure}`` for every figure of ``run`` with data, in report order."""
     records = [r for s in summaries.streams(run) for r in summaries.series(run, s)]
@@ -533,6 +720,9 @@ def build_figures(summaries: Summaries, run: str) -> dict[str, Any]:
         _cv,
         _attention,
         _features,
+        _scalars,
+        _ranks,
+        _ranks_z,
     )
     for build in builders:
         figures.update(build(summaries, run, clock))
@@ -580,6 +770,12 @@ _CAPTIONS = {
     "cv": "Mean fold losses of the cross-validation window; bands are ± 95% confidence intervals.",
     "attention": "Window mean per attention matrix; bands span the window's min to max.",
     "features": "Window mean per feature vector; bands span the window's min to max.",
+    "scalars": "Window mean of each logged scalar; bands span the window's min to max; red "
+    "marks where the window held non-finite values (NaN or infinite), with the largest count.",
+    "ranks": "Median step time of each rank in the latest ranks summary; red bars are "
+    "stragglers (robust z of the rank's median above the threshold); dashed: the ranks' median.",
+    "ranks_z": "Robust z of the slowest rank's median step time against the run's ranks, per "
+    "ranks summary; above the dashed threshold that rank is a straggler.",
 }
 
 

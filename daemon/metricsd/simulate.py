@@ -43,8 +43,21 @@ _TASKS = ("binary", "multiclass", "regression")
 class TrainingJob:
     """Events of one simulated training run; ``events(now)`` yields those of the next step."""
 
-    def __init__(self, run_id: str, rng: np.random.Generator, *, steps: int = 5000) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        rng: np.random.Generator,
+        *,
+        steps: int = 5000,
+        ranks: int = 0,
+        slow_rank: int | None = None,
+    ) -> None:
+        """``ranks`` > 0: a distributed run, each step one batch_time per rank (``rank`` set),
+        ``slow_rank`` (if given) three times slower than the others. 0: one batch_time, no rank
+        (the events and random draws are then exactly those of a job without the option)."""
         self.run_id = run_id
+        self.ranks = ranks
+        self.slow_rank = slow_rank
         self.rng = rng
         self.steps = steps
         self.step = 0
@@ -66,13 +79,20 @@ class TrainingJob:
         seconds = self.base_seconds * (1 + 0.1 * np.sin(step / 50)) * rng.lognormal(0, 0.08)
         if rng.random() < 0.01:  # a straggler: data-loader stall
             seconds *= rng.uniform(3, 10)
-        yield {
-            "type": "batch_time",
-            "run_id": run_id,
-            "ts": now,
-            "step": step,
-            "seconds": round(float(seconds), 6),
-        }
+        if self.ranks:
+            spread = rng.lognormal(0, 0.05, self.ranks) * seconds
+            for rank in range(self.ranks):
+                slow = 3.0 if rank == self.slow_rank else 1.0
+                yield {"type": "batch_time", "run_id": run_id, "ts": now, "step": step,
+                       "rank": rank, "seconds": round(float(spread[rank] * slow), 6)}  # fmt: skip
+        else:
+            yield {
+                "type": "batch_time",
+                "run_id": run_id,
+                "ts": now,
+                "step": step,
+                "seconds": round(float(seconds), 6),
+            }
         if step % 5 == 0:
             loss = float(2.0 * np.exp(-3 * progress) + 0.05 + abs(rng.normal(0, 0.03)))
             yield {"type": "scalar", "run_id": run_id, "ts": now, "step": step,
@@ -138,6 +158,21 @@ class TrainingJob:
         }
 
 
+# The first run slot of a simulation is a distributed run (the others send no rank): its
+# ranks summary shows in ``metricsd dev``, one rank three times slower than the others.
+SIMULATED_RANKS = 4
+SIMULATED_SLOW_RANK = 2
+
+
+def _job(
+    settings: SimulateSettings, slot: int, number: int, rng: np.random.Generator
+) -> TrainingJob:
+    """The job of run slot ``slot`` (slot 0: distributed, ``SIMULATED_RANKS`` ranks)."""
+    ranks, slow = (SIMULATED_RANKS, SIMULATED_SLOW_RANK) if slot == 0 else (0, None)
+    return TrainingJob(f"run-{settings.seed}-{number}", np.random.default_rng(rng.integers(2**32)),
+                       ranks=ranks, slow_rank=slow)  # fmt: skip
+
+
 async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
     """Send events at ``settings.rate`` events/s until ``duration`` passes or ``stop`` is set
     (``settings.train``: :func:`train` instead); the number of steps."""
@@ -149,10 +184,7 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
         security=settings.security,
     )
     rng = np.random.default_rng(settings.seed)
-    runs = [
-        TrainingJob(f"run-{settings.seed}-{i}", np.random.default_rng(rng.integers(2**32)))
-        for i in range(settings.runs)
-    ]
+    runs = [_job(settings, i, i, rng) for i in range(settings.runs)]
     next_id = settings.runs
     producer = kafka.producer(settings.bootstrap_servers, security=settings.security)
     await producer.start()
@@ -177,9 +209,7 @@ async def produce(settings: SimulateSettings, stop: asyncio.Event) -> int:
                     )
                 sent += 1
                 if job.done:
-                    runs[i] = TrainingJob(
-                        f"run-{settings.seed}-{next_id}", np.random.default_rng(rng.integers(2**32))
-                    )
+                    runs[i] = _job(settings, i, next_id, rng)
                     next_id += 1
             await asyncio.sleep(period)
         await producer.flush()

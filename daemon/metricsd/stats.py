@@ -63,6 +63,7 @@ __all__ = [
     "numeric_summary",
     "quantiles",
     "regression_summary",
+    "robust_z",
 ]
 
 F64 = NDArray[np.float64]
@@ -386,6 +387,36 @@ def quantiles(values: F64, valid: Bools, qs: Sequence[float]) -> F64:
             for i, q in enumerate(levels):
                 out[i, rs] = _sorted_positions(srt, n, q)
     return out
+
+
+# MAD * 1.4826 (= 1 / Phi^-1(3/4)) estimates sigma for normal data; when MAD is 0, the mean
+# absolute deviation * 1.253314 (= sqrt(pi / 2)) does (Iglewicz & Hoaglin 1993; IBM SPSS).
+MAD_SIGMA = 1.4826
+MEAN_AD_SIGMA = 1.253314
+
+
+def robust_z(values: F64, valid: Bools) -> dict[str, F64]:
+    """Robust (modified) z-scores of every valid slot against its row: ``z = (x - c) / s``.
+
+    ``c`` = the row's median, MAD = median(|x - c|), ``s`` = ``MAD_SIGMA * MAD``; when MAD is 0
+    (more than half the row equal to the median, or one value) ``s`` = ``MEAN_AD_SIGMA *
+    mean(|x - c|)`` instead; when that is 0 too (every value equal) ``s`` is NaN and every z is
+    0.0 (nothing deviates). Returns ``center``, ``mad``, ``scale`` (one per row; NaN for an empty
+    row) and ``z`` (the block's shape; NaN in invalid slots).
+    """
+    data = np.asarray(values, dtype=np.float64)
+    mask = _check_block(valid, data)
+    with np.errstate(all="ignore"):
+        center = quantiles(data, mask, (0.5,))[0]
+        dev = np.abs(data - center[:, None])
+        mad = quantiles(dev, mask, (0.5,))[0]
+        n = mask.sum(axis=1)
+        mean_ad = np.where(mask, dev, 0.0).sum(axis=1) / n
+        scale = np.where(mad > 0, MAD_SIGMA * mad, MEAN_AD_SIGMA * mean_ad)
+        scale = np.where(scale > 0, scale, np.nan)
+        z = (data - center[:, None]) / scale[:, None]
+        z = np.where(np.isnan(scale)[:, None], 0.0, z)
+    return {"center": center, "mad": mad, "scale": scale, "z": np.where(mask, z, np.nan)}
 
 
 # --------------------------------------------------------------------------------------------------

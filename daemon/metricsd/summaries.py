@@ -95,7 +95,7 @@ def window_tag(window: Mapping[str, Any]) -> str:
 
 
 def stream_kind(record: Mapping[str, Any]) -> str:
-    """``batch_time``, ``binary``, ``multiclass``, ``regression``, ``scalar``, ``cv``,
+    """``batch_time``, ``ranks``, ``binary``, ``multiclass``, ``regression``, ``scalar``, ``cv``,
     ``attention``, ``features`` (or the stream name itself for a stream this module does not
     know)."""
     stream = str(record.get("stream", ""))
@@ -173,6 +173,16 @@ def key_figures(record: Mapping[str, Any]) -> list[Figure]:
             Figure("p99", _get(m, "p99"), "s"),
             Figure("mean", _get(m, "mean"), "s"),
             Figure("steps/s", steps_per_second(record), "/s"),
+        ]
+    if kind == "ranks":
+        slowest = m.get("slowest")
+        first = slowest[0] if isinstance(slowest, list) and slowest else {}
+        return [
+            Figure("ranks", _get(m, "ranks"), "n"),
+            Figure("p50", _get(m, "median"), "s"),
+            Figure("slowest", _get(first, "median") if isinstance(first, Mapping) else None, "s"),
+            Figure("max z", _get(m, "max_z")),
+            Figure("stragglers", _get(m, "straggler_count"), "n"),
         ]
     if kind == "binary":
         return [

@@ -19,6 +19,7 @@ orjson writes as ``null``. Nothing here knows about runs' lifetimes, partitions 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ from metricsd.profiler import Profiler
 
 __all__ = [
     "KINDS",
+    "RANKS_STREAM",
+    "RANK_PREFIX",
+    "STRAGGLER_Z",
+    "TOP_RANKS",
     "Batch",
     "Kind",
     "KindSpec",
@@ -43,6 +48,7 @@ __all__ = [
     "id_part",
     "id_prefix",
     "summarise",
+    "summarise_ranks",
 ]
 
 Record = dict[str, Any]
@@ -58,6 +64,12 @@ _ATTENTION_FIGURES = ("concentration", "entropy")
 _FEATURE_FIGURES = ("mean", "sparsity", "l2_norm")
 # Slots per chunk of rows in one statistics pass: 2 MB per float64 temporary.
 _CHUNK_SLOTS = 1 << 18
+# Ranks: each rank of a run has its own batch-time row, stream "rank/<r>" (never published on
+# its own); the run's one published stream over them is "ranks".
+RANK_PREFIX = "rank/"
+RANKS_STREAM = "ranks"
+TOP_RANKS = 16  # ranks listed per summary (the slowest); the totals cover all of them
+STRAGGLER_Z = 3.5  # robust z above this is a straggler (Iglewicz & Hoaglin's outlier cut)
 
 
 # -- rows and batches ------------------------------------------------------------------------
@@ -121,6 +133,12 @@ def _collect_batch_time(batch: Batch, ev: BatchTime, ts: float) -> None:
     if pending is None:
         pending = batch.add(run_id, ev, run_id, "batch_time", "batch_time", None)
     _extend(pending, ev.seconds, ts)
+    if ev.rank is not None:  # also the rank's own window (the run's ranks summary)
+        key = (run_id, ev.rank)
+        ranked = batch.index["rank"].get(key)
+        if ranked is None:
+            ranked = batch.add(key, ev, run_id, f"{RANK_PREFIX}{ev.rank}", "rank", None)
+        _extend(ranked, ev.seconds, ts)
 
 
 def _extend(pending: Pending, values: float | FloatArray, ts: float) -> None:
@@ -348,6 +366,9 @@ KINDS: tuple[KindSpec, ...] = (
     KindSpec("attention", 2, Attention, _collect_attention, _build_attention, _attention, 3, 3),
     KindSpec("features", 3, Features, _collect_features, _build_features, _features, 4, 4),
     KindSpec("scalar", 1, Scalar, _collect_scalar, _build_scalars, _scalar, 5, 5, "scalar"),
+    # Fed by batch_time's collect (the events that carry a rank); summarised per run by
+    # ``summarise_ranks``, never by ``summarise`` (``_numeric`` only fills the slot).
+    KindSpec("rank", 1, BatchTime, _collect_batch_time, _build_scalars, _numeric, 6, 6, "rank"),
 )
 
 
@@ -478,6 +499,15 @@ def id_prefix(ref: Row) -> str:
     return f"{id_part(ref.group)}|{id_part(ref.run_id)}|{id_part(ref.stream)}|{ref.incarnation}|"
 
 
+def _incarnation_order(ref: Row) -> tuple[int, int]:
+    """``"partition:offset"`` as numbers for ordering; an unknown one ("") first."""
+    partition, _, offset = ref.incarnation.partition(":")
+    try:
+        return int(partition), int(offset)
+    except ValueError:
+        return -1, -1
+
+
 def _records(
     refs: list[Row], computed: list[_Computed], totals: list[int], now: float, final: bool
 ) -> list[Record]:
@@ -524,4 +554,120 @@ def _records(
             records.append(record)
     for ref in refs:
         ref.seq += 1
+    return records
+
+
+# -- the ranks summary: all rank rows of a run -> one record ---------------------------------------
+def summarise_ranks(
+    kind: Kind,
+    runs: list[list[Row]],
+    now: float,
+    *,
+    final: bool,
+    dropped: dict[str, int],
+    profiler: Profiler,
+) -> list[Record]:
+    """One ``ranks`` record per run in ``runs`` (each a non-empty list of that run's rank rows),
+    over the count window of every rank; then every listed row's ``seq`` becomes the record's
+    ``seq`` + 1 (the record's seq is the largest of its rows': a rank that joins late starts at 0).
+
+    One vectorised pass: the rows' per-rank median and p95 in row chunks (``stats.quantiles``),
+    then the robust z of each rank's median against its run's (``stats.robust_z`` over a
+    runs x ranks block). ``dropped``: per run, values of ranks beyond the per-run cap.
+    """
+    refs = [ref for run in runs for ref in run]
+    bank = kind.bank
+    rows = np.fromiter((r.row for r in refs), dtype=np.int64, count=len(refs))
+    n = len(refs)
+    counts = np.empty(n, dtype=np.int64)
+    median = np.empty(n)
+    p95 = np.empty(n)
+    first = np.empty(n)
+    last = np.empty(n)
+    step = max(1, _CHUNK_SLOTS // bank.width)
+    with profiler.profile_operation("rank_stats", "stats"):
+        for start in range(0, n, step):
+            chunk = rows[start : start + step]
+            at = slice(start, start + len(chunk))
+            valid = bank.valid(chunk)
+            median[at], p95[at] = stats.quantiles(bank.values[0, chunk], valid, (0.5, 0.95))
+            counts[at] = valid.sum(axis=1)
+            ts = bank.ts[chunk]
+            first[at] = np.where(valid, ts, np.inf).min(axis=1)
+            last[at] = np.where(valid, ts, -np.inf).max(axis=1)
+        sizes = np.fromiter((len(run) for run in runs), dtype=np.int64, count=len(runs))
+        run_of = np.repeat(np.arange(len(runs)), sizes)
+        position = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        block = np.full((len(runs), int(sizes.max(initial=1))), np.nan)
+        block[run_of, position] = median
+        present = np.zeros(block.shape, dtype=bool)
+        present[run_of, position] = counts > 0
+        robust = stats.robust_z(block, present)
+        z = robust["z"][run_of, position]
+        # Slowest first: by median descending (the same order as z), ties by rank order.
+        slow = -np.where(present[run_of, position], median, -np.inf)
+        order = np.lexsort((position, slow, run_of))
+    ranks = np.fromiter((int(r.stream[len(RANK_PREFIX) :]) for r in refs), np.int64, count=n)
+    totals = bank.total[rows]
+    records: list[Record] = []
+    starts = (np.cumsum(sizes) - sizes).tolist()
+    with profiler.profile_operation("build_records", "stats"):
+        for i, run in enumerate(runs):
+            mine = order[starts[i] : starts[i] + len(run)]
+            top = mine[:TOP_RANKS]
+            strag = mine[z[mine] > STRAGGLER_Z]
+            seq = max(r.seq for r in run)
+            run_id = run[0].run_id
+            # The run's life is that of its oldest rank row (a rank joining later has a later
+            # incarnation; all of them end with the run), so the id is fixed for the life.
+            oldest = min(run, key=_incarnation_order)
+            lo, hi = float(first[mine].min()), float(last[mine].max())
+            metrics: Record = {
+                "ranks": len(run),
+                "count": int(counts[mine].sum()),
+                "median": float(robust["center"][i]),
+                "mad": float(robust["mad"][i]),
+                "scale": float(robust["scale"][i]),
+                "max_z": float(np.nanmax(z[mine], initial=-np.inf)),
+                "threshold": STRAGGLER_Z,
+                "stragglers": ranks[strag[:TOP_RANKS]].tolist(),
+                "straggler_count": int(strag.shape[0]),
+                "slowest": [
+                    {"rank": r, "count": c, "median": m, "p95": p, "z": zz}
+                    for r, c, m, p, zz in zip(
+                        ranks[top].tolist(),
+                        counts[top].tolist(),
+                        median[top].tolist(),
+                        p95[top].tolist(),
+                        z[top].tolist(),
+                        strict=True,
+                    )
+                ],
+                "dropped": dropped.get(run_id, 0),
+            }
+            records.append(
+                {
+                    "type": "summary",
+                    "schema_version": 1,
+                    "id": (
+                        f"{id_part(oldest.group)}|{id_part(run_id)}|{RANKS_STREAM}|"
+                        f"{oldest.incarnation}|count:{bank.width}|{seq}"
+                    ),
+                    "group": oldest.group,
+                    "run_id": run_id,
+                    "incarnation": oldest.incarnation,
+                    "stream": RANKS_STREAM,
+                    "window": {"kind": "count", "size": bank.width},
+                    "count": metrics["count"],
+                    "total": int(totals[mine].sum()),
+                    "metrics": metrics,
+                    "seq": seq,
+                    "first_ts": lo if np.isfinite(lo) else math.nan,
+                    "last_ts": hi if np.isfinite(hi) else math.nan,
+                    "emitted_at": now,
+                    "final": final,
+                }
+            )
+            for ref in run:
+                ref.seq = seq + 1
     return records
