@@ -453,3 +453,41 @@ def test_the_pipeline_counts_consumed_events_by_type() -> None:
     assert got[key("metricsd_events_consumed_total", type="batch_time")] == 4
     assert got[key("metricsd_evictions_total", reason="run_end")] == 1
     assert got[key("metricsd_ready")] == 0
+
+
+def test_the_page_has_exactly_the_series_of_deploy_metrics_txt() -> None:
+    """deploy/metrics.txt is what the alert rules and the dashboard are checked against
+    (tests/test_deploy.py); this holds the exporter to it: every family of a page with every
+    kind of series present has the contract's name, type and label names, and nothing else.
+    (The step-time quantiles are a Prometheus ``summary``: promtool refuses a ``quantile``
+    label on a gauge; queries read them the same way.)"""
+    from pathlib import Path
+
+    contract: dict[str, tuple[str, frozenset[str]]] = {}
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "metrics.txt").read_text()
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, kind, *labels = line.split()
+            contract[name] = (kind, frozenset(labels[0].split(",")) if labels else frozenset())
+    monitor, _, _ = monitor_with_a_run()
+    health = Health(
+        events_by_type=Counter({BatchTime: 3}),
+        dead_letters_by_reason=Counter({"schema": 1}),
+        lag={("in", 0): 5},
+        evictions={"idle": 1},
+        profiler_overhead=0.01,
+    )
+    exposition = Exposition(lambda: health, max_runs=10)
+    exposition.observe_tick(0.02, 1234.5)
+    exposition.runs.update(monitor.due(2_000.0))
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for family in text_string_to_metric_families(exposition.render().decode()):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        if name.endswith("_created"):  # prometheus_client's creation time of a histogram
+            continue
+        labels = {k for s in family.samples for k in s.labels if k not in ("le",)}
+        kind = "gauge" if name == "metricsd_run_step_time_seconds" else family.type
+        if name == "metricsd_run_step_time_seconds":
+            assert family.type == "summary"
+        found[name] = (kind, frozenset(labels))
+    assert found == contract
