@@ -329,3 +329,21 @@ def test_straggler_z_figure_follows_the_ranks_summaries(tmp_path: Path) -> None:
     assert distinct_hues(png_pixels(tmp_path / "ranks_z.png")) >= 2
     assert 'id="ranks_z"' in (tmp_path / "index.html").read_text()
     assert "ranks_z" not in report.build_figures(summaries, "nope")
+
+
+def test_throughput_of_a_distributed_run_counts_steps_not_every_ranks_batches() -> None:
+    """A run of N ranks sends N batch times per step: its observed steps/s is the batch_time
+    total's rate divided by N (the ranks summary's count), and the legend says so."""
+    from metricsd import report
+    from metricsd.summaries import Summaries, throughput
+
+    summaries = Summaries()
+    summaries.extend(distributed_records())
+    ranks = summaries.latest("dist", "ranks")
+    assert ranks is not None and ranks["metrics"]["ranks"] == 8
+    fig = report.build_figures(summaries, "dist")["throughput"]
+    observed = fig.axes[0].get_lines()[0]
+    assert "/ 8 ranks" in observed.get_label()
+    rate = throughput(summaries.series("dist", "batch_time", "count:100"))
+    assert rate
+    np.testing.assert_allclose(observed.get_ydata(), [r / 8 for _, r in rate])

@@ -219,14 +219,23 @@ def _step_time(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
     if dist is not None:
         out["step_time_distribution"] = dist
     rate = throughput(series)
+    # A distributed run's batch_time holds every rank's batches: one step is a batch per rank.
+    ranked = summaries.latest(run, "ranks")
+    count = _dig(ranked, "ranks") if ranked is not None else math.nan
+    ranks = int(count) if math.isfinite(count) and count > 1 else 1
+    observed = (
+        "observed steps/s (Δ batches / Δ event time)"
+        if ranks == 1
+        else f"observed steps/s (Δ batches / Δ event time / {ranks} ranks)"
+    )
     inverse = [1.0 / v if v > 0 else math.nan for v in values["mean"]]
     fig, (ax,) = _new_figure()
     drawn = False
     if rate:
         ax.plot(
             [(t - clock.start) / clock.scale for t, _ in rate],
-            [r for _, r in rate],
-            label="observed steps/s (Δ batches / Δ event time)",
+            [r / ranks for _, r in rate],
+            label=observed,
             color="tab:purple",
             linewidth=1.6,
             marker="o" if len(rate) <= 12 else None,
@@ -703,6 +712,12 @@ def _ranks_z(summaries: Summaries, run: str, clock: _Clock) -> dict[str, Any]:
         # Tight ranks make a slow one's z run into the hundreds: log above 10 keeps the
         # threshold readable next to them.
         ax.set_yscale("symlog", linthresh=10)
+        # symlog labels only the decades: name 0 and the threshold in the linear part too.
+        peak = max(z for z in top if math.isfinite(z))
+        decades = [10.0**k for k in range(1, int(math.log10(peak)) + 2)]
+        marks = [0.0, *([threshold] if math.isfinite(threshold) else []), *decades]
+        ax.set_yticks(marks, [f"{m:g}" for m in marks])
+        ax.set_ylim(bottom=0.0)
     _finish(fig, [ax], f"Straggler score, {_window_text(series[-1])}: run {run}", clock)
     return {"ranks_z": fig}
 
