@@ -52,6 +52,8 @@ class Outbox:
         self._in_flight: list[tuple[Send, asyncio.Future[Any]]] = []
         self.failures = 0  # sends that failed and were kept for retry
         self.dropped = 0  # sends that could never succeed, stepped over
+        #: key + value bytes handed to the producer per topic (retries count again)
+        self.sent_bytes: dict[str, int] = {}
 
     @property
     def pending(self) -> int:
@@ -99,6 +101,8 @@ class Outbox:
                 log.error("publish_failed", topic=item.topic, error=str(exc))
             return
         self._in_flight.append((item, future))
+        size = len(item.key or b"") + len(item.value or b"")
+        self.sent_bytes[item.topic] = self.sent_bytes.get(item.topic, 0) + size
 
     def _permanent(self, item: Send, exc: BaseException) -> bool:
         if not isinstance(exc, kafka.PERMANENT_ERRORS):

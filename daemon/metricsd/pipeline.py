@@ -215,16 +215,23 @@ class Pipeline:
             # them: nothing can be ingested in between, so the state covers exactly `positions`.
             positions = dict(self._consumed)
             records = self.monitor.due(time.time())
-            changes = self.monitor.state_changes() if self.settings.changelog else None
+            changes = None
+            if self.settings.changelog:
+                with self.profiler.profile_operation("state_changes", "state"):
+                    changes = self.monitor.state_changes()
             with self.profiler.profile_operation("publish", "publish"):
                 await self.outbox.retry()
                 await self._publish_summaries(records)
                 if changes is not None:
                     await self._write_state(positions, *changes)
-                acked = await self.outbox.settle()
+                with self.profiler.profile_operation("acks", "publish"):
+                    acked = await self.outbox.settle()
             if not acked:
                 await self.topics.recover()
-            committed = await self._commit(positions) if acked and positions else True
+            committed = True
+            if acked and positions:
+                with self.profiler.profile_operation("commit", "publish"):
+                    committed = await self._commit(positions)
             self.settled = acked and committed
         self.counters.ticks += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0

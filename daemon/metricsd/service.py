@@ -26,7 +26,7 @@ import gc
 import os
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -60,8 +60,11 @@ class Service:
     """One daemon instance: the Kafka clients, the schedule and the operator's log lines around
     a :class:`~metricsd.pipeline.Pipeline`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_batch: Callable[[], None] | None = None) -> None:
+        """``on_batch``: called after each consumed ``getmany`` batch (e.g. a benchmark's clock;
+        it must be quick and must not block)."""
         self.settings = settings
+        self.on_batch = on_batch
         self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self.profiler = Profiler()
         self.pipeline = Pipeline(settings, self.instance, self.profiler)
@@ -209,7 +212,9 @@ class Service:
                 timeout_ms=int(wait * 1000), max_records=s.max_records
             )
             if batch:
-                await self._consume(batch)
+                await self.pipeline.consume(batch)
+                if self.on_batch is not None:
+                    self.on_batch()
             now_mono = clock()
             if now_mono >= next_tick:
                 await self.tick()
@@ -236,12 +241,7 @@ class Service:
         except kafka.KafkaError as exc:
             log.error("final_flush_failed", error=str(exc))
 
-    # -- consume ---------------------------------------------------------------------------
     # -- publish ---------------------------------------------------------------------------
-    async def _consume(self, batch: dict[kafka.TopicPartition, list[kafka.ConsumerRecord]]) -> None:
-        """One ``getmany`` result (a separate step so the ingest benchmark can time it)."""
-        await self.pipeline.consume(batch)
-
     async def tick(self) -> None:
         await self.pipeline.tick()
 
