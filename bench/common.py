@@ -86,7 +86,7 @@ class Sizes:
             latency_runs=50,
             latency_interval=1.0,
             memory_runs=10_000,
-            sustained_events=1_000_000,
+            sustained_events=4_000_000,
             sustained_runs=(1_000, 10_000),
             sustained_intervals=(1.0, 5.0),
         )
