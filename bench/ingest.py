@@ -133,7 +133,12 @@ def preload(bootstrap: str, topic: str, records: list[Record], partitions: int) 
     start = time.perf_counter()
     produce = producer.produce
     for key, value, partition in records:
-        produce(topic, value, key, partition, on_delivery=on_delivery)
+        while True:
+            try:
+                produce(topic, value, key, partition, on_delivery=on_delivery)
+                break
+            except BufferError:  # more records than librdkafka queues at once: let it drain
+                producer.poll(0.1)
     remaining = producer.flush(120)
     seconds = time.perf_counter() - start
     if remaining or failed:

@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -237,12 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- the benchmark ----------------------------------------------------------------------------
 def _child(kind: str, bootstrap: str, topic: str, group: str, extra: list[str],
-           sizes: Sizes) -> dict[str, Any]:  # fmt: skip
+           sizes: Sizes, path: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One child; ``path``: put first on its ``PYTHONPATH`` (another tree's ``daemon/``)."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, "-m", "bench.sustained", "--child", kind, "--bootstrap", bootstrap,
          "--topic", topic, "--group", group, "--target", str(sizes.sustained_events),
          "--partitions", str(sizes.partitions), *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env=env,
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(
@@ -266,8 +271,15 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
     peak = Figure("sustained", f"(peak RSS − base) / window_bytes, {label}", "x")
     window_mib = Figure("sustained", f"window_bytes, {label}", "MiB")
     thresholds: list[str] = []
+    # A/B against another checkout: BENCH_SUSTAINED_BASELINE=<its daemon/ directory> adds that
+    # daemon to every repetition (same broker, same topic, interleaved).
+    baseline_path = os.environ.get("BENCH_SUSTAINED_BASELINE") or None
+    base = Figure("sustained", f"baseline daemon, {label}", "events/s", note=str(baseline_path))
+    base_stopped = Figure("sustained", f"baseline: share of the span in the tick, {label}", "%")
     for rep in range(sizes.repeat):
-        order = ("daemon", "bare") if rep % 2 == 0 else ("bare", "daemon")
+        order: tuple[str, ...] = ("daemon", "bare") if rep % 2 == 0 else ("bare", "daemon")
+        if baseline_path is not None:
+            order = (order[0], "baseline", order[1])
         pair: dict[str, float] = {}
         for who in order:
             group = f"bench-sustained-{runs}-{interval:g}-{who}-{rep}-{time.time_ns()}"
@@ -289,6 +301,12 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
                 rss_mib.samples.append((r["rss"] - r["base"]) / _MIB)
                 peak.samples.append((r["peak"] - r["base"]) / r["window_bytes"])
                 window_mib.samples.append(r["window_bytes"] / _MIB)
+            elif who == "baseline":
+                extra = ["--interval", str(interval)]
+                r = _child("daemon", bootstrap, topic, group, extra, sizes, baseline_path)
+                pair[who] = r["events"] / r["seconds"]
+                tick_ns = r["ops"].get("tick", [0, 0])[1]
+                base_stopped.samples.append(100.0 * tick_ns / 1e9 / r["seconds"])
             else:
                 extra = ["--runs", str(runs)]
                 if thresholds:
@@ -297,6 +315,8 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
                 pair[who] = r["events"] / r["seconds"]
         daemon.samples.append(pair["daemon"])
         bare.samples.append(pair["bare"])
+        if "baseline" in pair:
+            base.samples.append(pair["baseline"])
         log(f"sustained: {label}, repetition {rep + 1}: daemon {pair['daemon']:,.0f} events/s, "
             f"bare {pair['bare']:,.0f} events/s")  # fmt: skip
     ratio = Figure(
@@ -308,6 +328,15 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
     )
     bare.note = f"{1e6 / bare.median:.3g} µs/event; GC as in the daemon ({' '.join(thresholds)})"
     figures = [daemon, bare, ratio, ticks, stopped, *phases, out_bytes, state_bytes]
+    if base.samples:
+        ab = paired(daemon.samples, base.samples)
+        figures += [
+            base,
+            Figure("sustained", f"baseline daemon / bare loop, {label}", "x",
+                   paired(base.samples, bare.samples)),
+            Figure("sustained", f"daemon / baseline daemon, {label}", "x", ab),
+            base_stopped,
+        ]  # fmt: skip
     if runs == max(sizes.sustained_runs) and interval == min(sizes.sustained_intervals):
         figures += [rss, rss_mib, peak, window_mib]
     return figures

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_run_produces_every_figure_and_target(tmp_path: Path) -> None:
-    """`python -m bench --quick` exits 0 and writes a result with all five benchmarks' figures and
+    """`python -m bench --quick` exits 0 and writes a result with all six benchmarks' figures and
     a measured value for every target."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
@@ -26,7 +26,7 @@ def test_quick_benchmark_run_produces_every_figure_and_target(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "latest.json").read_text())
     benches = {figure["bench"] for figure in result["figures"]}
-    assert {"ingest", "tick", "profiler", "latency", "memory"} <= benches
+    assert {"ingest", "tick", "profiler", "latency", "memory", "sustained"} <= benches
     assert all(figure["n"] >= 1 for figure in result["figures"])
     missing = [t["name"] for t in result["targets"] if t["value"] is None]
     assert not missing, f"targets without a measurement: {missing}"
