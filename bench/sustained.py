@@ -26,13 +26,14 @@ Plan
    the group join and the first fetch are outside both; the rate is events in between / time.
    The ratio is per repetition pair.
 3. From the daemon's own profiler over the measured span (``Profiler.operations``, public;
-   resets by the hourly profile report are accounted for): ticks in the span, the share of the
-   span spent in the blocking part of ticks (the ``tick`` operation: consumption stops), and per
+   resets by the profile report every ``profile_interval`` are accounted for): ticks in the
+   span, the share of the span spent in the blocking part of ticks (the ``tick`` operation, plus
+   ``tick_wait`` when a tick waits for the previous one's commit: consumption stops), and per
    tick the phases the profiler names: statistics (``*_stats``), record building
    (``build_records``), the state snapshot (``state_changes``: copies of changed rows), changelog
-   encoding (``snapshot``: zlib and records), sending (``publish`` minus its nested ``acks`` and
-   ``snapshot``: JSON encoding and ``producer.send``), the wait for acknowledgements (``acks``)
-   and the commit (``commit``).
+   encoding (``snapshot``: zlib and records), sending (``send``: JSON encoding and
+   ``producer.send``; for a pipeline without it, ``publish`` minus its nested ``acks`` and
+   ``snapshot``), the wait for acknowledgements (``acks``) and the commit (``commit``).
 4. Bytes handed to the producer per topic (``Outbox.sent_bytes``) over the input bytes consumed
    in the span (key + value of each input record).
 5. RSS of the daemon child at the end of the span, at the largest run count and the shortest
@@ -62,6 +63,7 @@ _MIB = 1024 * 1024
 #: Phase figures: (label, how to get ms per tick from {operation name: total ns}).
 _PHASES: tuple[tuple[str, Callable[[dict[str, int]], float]], ...] = (
     ("tick, blocking part (consumption stops)", lambda ns: ns.get("tick", 0)),
+    ("waiting for the previous tick's commit", lambda ns: ns.get("tick_wait", 0)),
     ("statistics", lambda ns: sum(v for k, v in ns.items() if k.endswith("_stats"))),
     ("record building", lambda ns: ns.get("build_records", 0)),
     ("state snapshot (row copies)", lambda ns: ns.get("state_changes", 0)),
@@ -291,7 +293,8 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
                 ops = {k: v[1] for k, v in r["ops"].items()}
                 n_ticks = r["ops"].get("tick", [0, 0])[0]
                 ticks.samples.append(n_ticks)
-                stopped.samples.append(100.0 * ops.get("tick", 0) / 1e9 / r["seconds"])
+                blocked = ops.get("tick", 0) + ops.get("tick_wait", 0)
+                stopped.samples.append(100.0 * blocked / 1e9 / r["seconds"])
                 for fig, (_, get) in zip(phases, _PHASES, strict=True):
                     fig.samples.append(get(ops) / 1e6 / max(n_ticks, 1))
                 input_bytes = r["events"] * record_bytes
@@ -305,7 +308,7 @@ def _measure(bootstrap: str, topic: str, runs: int, interval: float, record_byte
                 extra = ["--interval", str(interval)]
                 r = _child("daemon", bootstrap, topic, group, extra, sizes, baseline_path)
                 pair[who] = r["events"] / r["seconds"]
-                tick_ns = r["ops"].get("tick", [0, 0])[1]
+                tick_ns = r["ops"].get("tick", [0, 0])[1] + r["ops"].get("tick_wait", [0, 0])[1]
                 base_stopped.samples.append(100.0 * tick_ns / 1e9 / r["seconds"])
             else:
                 extra = ["--runs", str(runs)]
