@@ -11,17 +11,18 @@ Plan
    - **daemon**: ``metricsd.service.Service`` itself, with the default profiler, ``interval``,
      ``profile_interval`` and ``stats_interval`` of one hour so that no tick, profile or stats
      line happens while it is measured. Its public ``on_batch`` hook (called after every
-     consumed ``getmany`` batch) takes a timestamp at the end of the first batch and at the end
-     of the one that brings ``counters.events`` to N, which then sets the stop event.
+     consumed ``getmany`` batch with the moment ``getmany`` returned it) gives the moment the
+     first batch was in hand and takes a timestamp after the batch that brings
+     ``counters.events`` to N, which then sets the stop event.
    - **bare loop**: the limit of the stack (one aiokafka consumer): the same consumer settings
      (``metricsd.kafka.consumer``, same group subscription, ``max_records`` as the daemon),
      ``getmany``, ``orjson.loads`` of every value, values grouped per run_id, then one bulk NumPy
-     ring write per key per ``getmany``. Timed from the end of the first non-empty batch to the
-     end of the batch that completes N.
+     ring write per key per ``getmany``. Timed from the return of the first non-empty
+     ``getmany`` to the end of the batch that completes N.
 
-   Both clocks start when the first batch is processed and stop when the N-th record is, so the
-   group join (about 5 s on Tansu) and the first batch are outside both; the rate counts the
-   records in between. Ratios are per repetition pair.
+   Both clocks start when the first records are in hand and stop when the N-th is processed, so
+   the group join (about 5 s on Tansu) and the first fetch are outside both. Ratios are per
+   repetition pair.
 3. The cyclic garbage collector: the daemon runs with whatever GC configuration it sets for
    itself (today none: enabled, default thresholds); its configuration is read inside the daemon
    at its first consume step and the bare loop runs under the same (``gc.set_threshold``,
@@ -155,9 +156,7 @@ class _Timing:
 
     first: float | None = None
     last: float | None = None
-    first_events: int = 0  # processed when the clock started (the first batch)
     events: int = 0  # processed between first and last
-    first_operations: dict[str, tuple[int, int]] = field(default_factory=dict)
     operations: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (count, ns)
     gc_state: _GcState | None = None  # the cyclic GC as the daemon ran it
 
@@ -205,24 +204,18 @@ async def _daemon(bootstrap: str, topic: str, group: str, target: int, partition
     stop = asyncio.Event()
     timing = _Timing()
 
-    def on_batch() -> None:
+    def on_batch(fetched: float) -> None:
         """The service's public hook, after every consumed batch: a timestamp per batch (about
         40 per run) costs nothing measurable and is exact to the batch."""
         now = time.perf_counter()
         events = service.counters.events
-        if timing.first is None:  # the clock starts at the end of the first batch
-            timing.first = now
-            timing.first_events = events
+        if timing.first is None:  # the clock starts when the first batch is in hand
+            timing.first = fetched
             timing.gc_state = _GcState.now()
-            timing.first_operations = _snapshot(service)
-        elif timing.last is None and events >= target:
+        if timing.last is None and events >= target:
             timing.last = now
-            timing.events = events - timing.first_events
-            timing.operations = {
-                name: (count - timing.first_operations.get(name, (0, 0))[0],
-                       ns - timing.first_operations.get(name, (0, 0))[1])
-                for name, (count, ns) in _snapshot(service).items()
-            }  # fmt: skip
+            timing.events = events
+            timing.operations = _snapshot(service)
             stop.set()
 
     service = Service(settings, on_batch=on_batch)
@@ -312,12 +305,11 @@ async def _bare(
             batch = await consumer.getmany(timeout_ms=500, max_records=max_records)
             if not batch:
                 continue
-            done += step(batch, ring)
-            if timing.first is None:  # the clock starts at the end of the first batch
+            if timing.first is None:  # the clock starts when the first batch is in hand
                 timing.first = time.perf_counter()
-                timing.first_events = done
+            done += step(batch, ring)
         timing.last = time.perf_counter()
-        timing.events = done - timing.first_events
+        timing.events = done
     finally:
         await consumer.stop()
     return timing

@@ -60,9 +60,12 @@ class Service:
     """One daemon instance: the Kafka clients, the schedule and the operator's log lines around
     a :class:`~metricsd.pipeline.Pipeline`."""
 
-    def __init__(self, settings: Settings, *, on_batch: Callable[[], None] | None = None) -> None:
-        """``on_batch``: called after each consumed ``getmany`` batch (e.g. a benchmark's clock;
-        it must be quick and must not block)."""
+    def __init__(
+        self, settings: Settings, *, on_batch: Callable[[float], None] | None = None
+    ) -> None:
+        """``on_batch(fetched)``: called after each consumed ``getmany`` batch with the
+        ``time.perf_counter()`` at which ``getmany`` returned it (e.g. a benchmark's clock; it
+        must be quick and must not block)."""
         self.settings = settings
         self.on_batch = on_batch
         self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
@@ -212,9 +215,10 @@ class Service:
                 timeout_ms=int(wait * 1000), max_records=s.max_records
             )
             if batch:
+                fetched = time.perf_counter()
                 await self.pipeline.consume(batch)
                 if self.on_batch is not None:
-                    self.on_batch()
+                    self.on_batch(fetched)
             now_mono = clock()
             if now_mono >= next_tick:
                 # The snapshot only: publish, acks and commit overlap the next batches.
