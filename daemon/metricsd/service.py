@@ -8,10 +8,11 @@ producer and the group consumer, then loops until ``stop`` is set:
    decodes each record; bad records become dead letters (reason, counter, rate-limited warning,
    original bytes) and their offsets advance like any other.
 2. At each tick (every ``interval`` seconds, scheduled on a fixed grid so it does not drift) the
-   pipeline publishes the due summaries and changelog records, waits until the broker
-   acknowledged them and the dead letters sent since the previous tick, then commits the offsets
-   remembered before the tick. A publish that fails is retried at the next tick and holds the
-   commit back.
+   pipeline takes the due summaries and the changed rows at one position; publishing them, the
+   wait until the broker acknowledged them and the dead letters sent before, and the commit of
+   that position run in the background while the loop consumes on (one tick in flight: the next
+   one waits for its commit; docs/state.md). A publish that fails is retried at the next tick
+   and holds the commit back.
 3. Every ``profile_interval`` a profile record, every ``stats_interval`` a ``stats`` log line.
 
 Shutdown (SIGTERM/SIGINT set ``stop``): a final tick, flush, commit, then the clients stop in
