@@ -135,14 +135,14 @@ async def _daemon_child(args: argparse.Namespace) -> dict[str, Any]:
     span = _Span()
     result: dict[str, Any] = {}
 
-    def on_batch(fetched: float) -> None:
+    def on_batch(fetched: float | None = None) -> None:  # None: a tree before the argument
         events = service.counters.events
         ops = span.look(service.profiler.operations)
         now = time.perf_counter()
         if span.first is None:  # the clock starts at the end of the first batch
             span.first = (now, events)
             if events >= args.target:  # one batch held everything: nothing left to time
-                span.first = (fetched, 0)
+                span.first = (now if fetched is None else fetched, 0)
             span.ops_first = ops
             span.bytes_first = dict(service.pipeline.outbox.sent_bytes)
             result["gc"] = _gc_state()
