@@ -61,6 +61,9 @@ class Sizes:
     latency_runs: int
     latency_interval: float
     memory_runs: int
+    sustained_events: int  # pre-loaded per run count
+    sustained_runs: tuple[int, ...]
+    sustained_intervals: tuple[float, ...]
 
     @classmethod
     def full(cls, repeat: int = 3) -> Sizes:
@@ -83,6 +86,9 @@ class Sizes:
             latency_runs=50,
             latency_interval=1.0,
             memory_runs=10_000,
+            sustained_events=4_000_000,
+            sustained_runs=(1_000, 10_000),
+            sustained_intervals=(1.0, 5.0),
         )
 
     @classmethod
@@ -106,6 +112,9 @@ class Sizes:
             latency_runs=10,
             latency_interval=1.0,
             memory_runs=500,
+            sustained_events=60_000,
+            sustained_runs=(100,),
+            sustained_intervals=(1.0,),
         )
 
 

@@ -10,11 +10,10 @@ Plan
 
    - **daemon**: ``metricsd.service.Service`` itself, with the default profiler, ``interval``,
      ``profile_interval`` and ``stats_interval`` of one hour so that no tick, profile or stats
-     line happens while it is measured. Two timestamps are taken around its consume step
-     (``Service._consume``, the per-``getmany`` call): before the first one starts and after the
-     one that brings ``counters.events`` to N, which then sets the stop event. If a future
-     ``Service`` no longer has ``_consume``, a watcher task polling ``counters.events`` every
-     5 ms takes over (``timing`` in the JSON says which was used).
+     line happens while it is measured. Its public ``on_batch`` hook (called after every
+     consumed ``getmany`` batch with the moment ``getmany`` returned it) gives the moment the
+     first batch was in hand and takes a timestamp after the batch that brings
+     ``counters.events`` to N, which then sets the stop event.
    - **bare loop**: the limit of the stack (one aiokafka consumer): the same consumer settings
      (``metricsd.kafka.consumer``, same group subscription, ``max_records`` as the daemon),
      ``getmany``, ``orjson.loads`` of every value, values grouped per run_id, then one bulk NumPy
@@ -58,7 +57,6 @@ __all__ = ["prediction_records", "run", "scalar_records"]
 
 Record = tuple[bytes, bytes, int]  # key, value, partition
 _TS0 = 1_764_000_000.0
-_HOOK = callable(getattr(Service, "_consume", None))
 _HOUR = 3600.0
 
 
@@ -136,7 +134,12 @@ def preload(bootstrap: str, topic: str, records: list[Record], partitions: int) 
     start = time.perf_counter()
     produce = producer.produce
     for key, value, partition in records:
-        produce(topic, value, key, partition, on_delivery=on_delivery)
+        while True:
+            try:
+                produce(topic, value, key, partition, on_delivery=on_delivery)
+                break
+            except BufferError:  # more records than librdkafka queues at once: let it drain
+                producer.poll(0.1)
     remaining = producer.flush(120)
     seconds = time.perf_counter() - start
     if remaining or failed:
@@ -153,6 +156,7 @@ class _Timing:
 
     first: float | None = None
     last: float | None = None
+    events: int = 0  # processed between first and last
     operations: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (count, ns)
     gc_state: _GcState | None = None  # the cyclic GC as the daemon ran it
 
@@ -186,48 +190,6 @@ def _snapshot(service: Service) -> dict[str, tuple[int, int]]:
     return {op.name: (op.count, op.total_ns) for op in service.profiler.operations}
 
 
-class _TimedService(Service):
-    """The daemon with a timestamp before its first consume step and after the one reaching N.
-
-    Overrides the private per-``getmany`` step on purpose: a timestamp per batch (about 40 per
-    run) costs nothing measurable and is exact, where a polling watcher is off by up to one
-    batch (~60 ms) at each end.
-    """
-
-    def __init__(self, settings: Settings, target: int, stop: asyncio.Event) -> None:
-        super().__init__(settings)
-        self.target = target
-        self.stop = stop
-        self.timing = _Timing()
-
-    async def _consume(self, batch: Any) -> None:
-        timing = self.timing
-        if timing.first is None:
-            timing.first = time.perf_counter()
-            timing.gc_state = _GcState.now()
-        await super()._consume(batch)
-        if timing.last is None and self.counters.events >= self.target:
-            timing.last = time.perf_counter()
-            timing.operations = _snapshot(self)
-            self.stop.set()
-
-
-async def _watch(service: Service, target: int, stop: asyncio.Event, timing: _Timing) -> None:
-    """Fallback timing: poll ``counters.events`` every 5 ms; stop the service at N."""
-    while not stop.is_set():
-        events = service.counters.events
-        now = time.perf_counter()
-        if timing.first is None and events > 0:
-            timing.first = now
-            timing.gc_state = _GcState.now()
-        if events >= target:
-            timing.last = now
-            timing.operations = _snapshot(service)
-            stop.set()
-            return
-        await asyncio.sleep(0.005)
-
-
 def _settings(
     bootstrap: str, topic: str, group: str, partitions: int, **overrides: Any
 ) -> Settings:
@@ -247,20 +209,39 @@ def _settings(
     return Settings(**(given | overrides))
 
 
+def _timed_service(
+    settings: Settings, target: int, reached: asyncio.Event
+) -> tuple[Service, _Timing]:
+    """The daemon and the clock of its timed window, through the service's public ``on_batch``
+    hook (after every consumed batch: a timestamp per batch, about 40 per run, costs nothing
+    measurable and is exact to the batch): it starts when the first batch is in hand and stops
+    at the batch that brings the N-th event, which sets ``reached``."""
+    timing = _Timing()
+
+    def on_batch(fetched: float) -> None:
+        now = time.perf_counter()
+        events = service.counters.events
+        if timing.first is None:
+            timing.first = fetched
+            timing.gc_state = _GcState.now()
+        if timing.last is None and events >= target:
+            timing.last = now
+            timing.events = events
+            timing.operations = _snapshot(service)
+            reached.set()
+
+    service = Service(settings, on_batch=on_batch)
+    return service, timing
+
+
 async def _daemon(
     bootstrap: str, topic: str, group: str, target: int, partitions: int, **overrides: Any
 ) -> _Timing:
-    settings = _settings(bootstrap, topic, group, partitions, **overrides)
     stop = asyncio.Event()
-    if _HOOK:
-        service: Service = _TimedService(settings, target, stop)
-        await service.run(stop)
-        return service.timing  # type: ignore[attr-defined, no-any-return]
-    service = Service(settings)
-    timing = _Timing()
-    watcher = asyncio.create_task(_watch(service, target, stop, timing))
+    service, timing = _timed_service(
+        _settings(bootstrap, topic, group, partitions, **overrides), target, stop
+    )
     await service.run(stop)
-    watcher.cancel()
     return timing
 
 
@@ -346,10 +327,11 @@ async def _bare(
             batch = await consumer.getmany(timeout_ms=500, max_records=max_records)
             if not batch:
                 continue
-            if timing.first is None:
+            if timing.first is None:  # the clock starts when the first batch is in hand
                 timing.first = time.perf_counter()
             done += step(batch, ring)
         timing.last = time.perf_counter()
+        timing.events = done
     finally:
         await consumer.stop()
     return timing
@@ -413,19 +395,18 @@ def _compare(
                     timing = asyncio.run(
                         _bare(bootstrap, topic, group, target, sizes.ingest_runs, channels, step)
                     )
-            rate = target * per_event / timing.seconds
+            rate = timing.events * per_event / timing.seconds
             if who == "daemon":
                 daemon.samples.append(rate)
                 for fig, op in ((decode, "decode"), (ingest, "ingest")):
                     _, total_ns = timing.operations.get(op, (0, 0))
-                    fig.samples.append(total_ns / 1000.0 / target)
+                    fig.samples.append(total_ns / 1000.0 / timing.events)
             else:
                 bare.samples.append(rate)
     ratio = Figure(
         "ingest", f"daemon / bare loop, {label}{suffix}", "x", paired(daemon.samples, bare.samples)
     )
-    timing_note = "consume hook" if _HOOK else "watcher, 5 ms"
-    daemon.note = f"first→last record ({timing_note}); N = {target:,}"
+    daemon.note = f"end of first batch → N-th record (Service.on_batch); N = {target:,}"
     if daemon_gc is not None:
         bare.note = f"{daemon_gc.describe()}, as in the daemon"
     for fig in (daemon, bare):

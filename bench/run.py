@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import emitter, ingest, latency, memory, scrape, tick
+from bench import emitter, ingest, latency, memory, scrape, sustained, tick
 from bench.common import REPO, Figure, Sizes, Target, machine
 
 __all__ = ["main", "render", "targets"]
@@ -31,6 +31,7 @@ _BENCHES: dict[str, Callable[[Sizes, Callable[[str], None]], list[Figure]]] = {
     "emitter": emitter.run,
     "churn": memory.run_churn,
     "scrape": scrape.run,
+    "sustained": sustained.run,
 }
 
 
@@ -176,6 +177,43 @@ def targets(figures: Sequence[Figure], sizes: Sizes) -> list[Target]:
             200.0,
             None,
             "ms",
+        ),
+    ]
+    few, many = min(sizes.sustained_runs), max(sizes.sustained_runs)
+    tick = min(sizes.sustained_intervals)
+    at_few, at_many = f"{few:,} runs, {tick:g} s tick", f"{many:,} runs, {tick:g} s tick"
+    result += [
+        Target(
+            f"sustained: daemon ≥ 0.6x bare loop, {at_few}",
+            _find(figures, "sustained", f"daemon / bare loop, {at_few}"),
+            ">=",
+            0.6,
+            0.75,
+            "x",
+        ),
+        Target(
+            f"sustained: daemon ≥ 0.5x bare loop, {at_many}",
+            _find(figures, "sustained", f"daemon / bare loop, {at_many}"),
+            ">=",
+            0.5,
+            None,
+            "x",
+        ),
+        Target(
+            f"sustained: changelog bytes ≤ 1x input bytes, {at_few}",
+            _find(figures, "sustained", f"changelog bytes / input bytes, {at_few}"),
+            "<=",
+            1.0,
+            None,
+            "x",
+        ),
+        Target(
+            f"sustained: RSS ≤ base + 1.5x window arrays, changelog on, {at_many}",
+            _find(figures, "sustained", f"(RSS − base) / window_bytes, changelog on, {at_many}"),
+            "<=",
+            1.5,
+            None,
+            "x",
         ),
     ]
     return result

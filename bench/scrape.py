@@ -42,7 +42,7 @@ from metricsd.config import MonitorSettings
 from metricsd.devbroker import DevBroker
 
 from bench.common import Figure, Sizes, paired
-from bench.ingest import _daemon, _settings, _TimedService, _Timing, preload, scalar_records
+from bench.ingest import _daemon, _settings, _timed_service, _Timing, preload, scalar_records
 
 __all__ = ["run"]
 
@@ -108,7 +108,7 @@ async def _scraped(
         bootstrap, topic, group, partitions, http_port=port, http_host="127.0.0.1", **overrides
     )
     reached, stop = asyncio.Event(), asyncio.Event()
-    service = _TimedService(settings, target, reached)  # sets `reached` at N, not `stop`
+    service, timing = _timed_service(settings, target, reached)  # `reached` at N, not `stop`
     assert service.http is not None
     render, rendering = service.exposition.render, [0.0]
 
@@ -117,7 +117,7 @@ async def _scraped(
         try:
             return render()
         finally:
-            if service.timing.first is not None:  # inside the timed window only
+            if timing.first is not None:  # inside the timed window only
                 rendering[0] += time.perf_counter() - started
 
     service.http.metrics = timed_render
@@ -144,7 +144,7 @@ async def _scraped(
         if during.returncode is None:
             during.kill()
     scrapes_during = await follow
-    return service.timing, scrapes_during, spent[0], after
+    return timing, scrapes_during, spent[0], after
 
 
 def run(sizes: Sizes, log: Callable[[str], None]) -> list[Figure]:

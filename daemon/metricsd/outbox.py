@@ -85,6 +85,8 @@ class Outbox:
         self._in_flight: list[tuple[Send, asyncio.Future[Any]]] = []
         self.failures = 0  # sends that failed and were kept for retry
         self.dropped = 0  # sends that could never succeed, stepped over
+        #: key + value bytes handed to the producer per topic (retries count again)
+        self.sent_bytes: dict[str, int] = {}
 
     @property
     def pending(self) -> int:
@@ -156,6 +158,8 @@ class Outbox:
                 )
             return
         self._in_flight.append((item, future))
+        size = len(item.key or b"") + len(item.value or b"")
+        self.sent_bytes[item.topic] = self.sent_bytes.get(item.topic, 0) + size
 
     def _keep(self, item: Send, exc: BaseException) -> Send | None:
         """What to retry after ``item`` failed with ``exc``, or None once it is dropped: at once

@@ -90,6 +90,19 @@ def _ignore(_: Any) -> None:
     return None
 
 
+def _ignore_tick(_seconds: float, _now: float) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """What one tick took at one position: what was consumed, the due summaries, the state."""
+
+    positions: dict[kafka.TopicPartition, int]
+    records: list[dict[str, Any]]
+    changes: tuple[list[tuple[int, RowState]], list[tuple[int, str, str]]] | None
+
+
 class Pipeline:
     """Monitor, changelog and outbox of one instance, and the offsets consumed and owned."""
 
@@ -114,6 +127,7 @@ class Pipeline:
         # Restored partitions: records before the checkpoint are in the windows already.
         self._floors: dict[kafka.TopicPartition, int] = {}
         self._lock = asyncio.Lock()  # a tick and a rebalance callback never interleave
+        self._completion: asyncio.Future[None] | None = None  # a tick publishing in the background
         self._outbox: Outbox | None = None
         self._topics: Topics | None = None
         self._consumer: Any = None
@@ -125,6 +139,9 @@ class Pipeline:
         # the runs forgotten when their partitions are revoked.
         self.on_summaries: Callable[[list[dict[str, Any]]], None] = _ignore
         self.on_released: Callable[[list[str]], None] = _ignore
+        # Every completed tick, in the loop's background or not: (seconds from snapshot to
+        # commit, unix time it ended); the tick-duration histogram and last-tick gauge.
+        self.on_ticked: Callable[[float, float], None] = _ignore_tick
 
     def use_producer(self, producer: Any, limits: MessageLimits | None = None) -> None:
         """The started producer: every record goes out through one outbox, sized against
@@ -323,30 +340,82 @@ class Pipeline:
 
     # -- tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
-        """Publish the due summaries, wait for the acks, then commit what they cover."""
+        """A whole tick: publish the due summaries and state, wait for the acks, then commit what
+        they cover; returns when it is committed (the final tick, tests)."""
         async with self._lock:
+            previous, self._completion = self._completion, None
             await self._tick()
+            if previous is not None and not previous.cancelled():
+                previous.result()  # what ended the previous background tick, after this one
+
+    async def start_tick(self) -> None:
+        """The service loop's tick: returns once the statistics and the state are taken at one
+        position; publishing them, the wait for their acks and the commit go on in the
+        background while the loop consumes the next batches (docs/state.md, "Each tick").
+
+        The lock is held from the snapshot until the commit, as in :meth:`tick`: a tick due while
+        the previous one is still waiting for acks waits here, and rebalance callbacks wait for
+        the commit of a tick in flight."""
+        with self.profiler.profile_operation("tick_wait", "publish"):
+            await self._lock.acquire()
+        try:
+            self._reap()
+            started = time.perf_counter()
+            taken = self._take()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._completion = asyncio.ensure_future(self._complete_and_release(taken, started))
+
+    async def _complete_and_release(self, taken: _Taken, started: float) -> None:
+        try:
+            await self._complete(taken, started)
+        finally:
+            self._lock.release()
+
+    def _reap(self) -> None:
+        """Re-raise what ended the previous background tick, if anything did."""
+        done, self._completion = self._completion, None
+        if done is not None and done.done() and not done.cancelled():
+            done.result()
 
     async def _tick(self) -> None:
         started = time.perf_counter()
+        await self._complete(self._take(), started)
+
+    def _take(self) -> _Taken:
+        """Positions, summaries and state changes, taken together with no ``await`` between
+        them: nothing can be ingested in between, so the state covers exactly ``positions``."""
         with self.profiler.profile_operation("tick", "tick"):
-            # Positions, summaries and state changes are taken together, with no await between
-            # them: nothing can be ingested in between, so the state covers exactly `positions`.
             positions = dict(self._consumed)
             records = self.monitor.due(time.time())
-            changes = self.monitor.state_changes() if self.settings.changelog else None
-            with self.profiler.profile_operation("publish", "publish"):
-                await self.outbox.retry()
-                await self._publish_summaries(records)
-                if changes is not None:
-                    await self._write_state(positions, *changes)
-                acked = await self.outbox.settle()
-            if not acked:
-                await self.topics.recover()
-            committed = await self._commit(positions) if acked and positions else True
-            self.settled = acked and committed
+            changes = None
+            if self.settings.changelog:
+                with self.profiler.profile_operation("state_changes", "state"):
+                    changes = self.monitor.state_changes()
+        return _Taken(positions, records, changes)
+
+    async def _complete(self, taken: _Taken, started: float) -> None:
+        """Send what ``_take`` took, await every acknowledgement, then commit its positions."""
+        positions = taken.positions
+        with self.profiler.profile_operation("send", "publish"):
+            await self.outbox.retry()
+            await self._publish_summaries(taken.records)
+        if taken.changes is not None:
+            await self._write_state(positions, *taken.changes)
+        with self.profiler.profile_operation("acks", "publish"):
+            acked = await self.outbox.settle()
+        if not acked:
+            await self.topics.recover()
+        committed = True
+        if acked and positions:
+            with self.profiler.profile_operation("commit", "publish"):
+                committed = await self._commit(positions)
+        self.settled = acked and committed
         self.counters.ticks += 1
-        self.last_tick_ms = (time.perf_counter() - started) * 1000.0
+        seconds = time.perf_counter() - started
+        self.last_tick_ms = seconds * 1000.0
+        self.on_ticked(seconds, time.time())
 
     async def _write_state(
         self,
@@ -363,8 +432,9 @@ class Pipeline:
                 generation=time.time_ns(),
             )
         topic = self.settings.state_topic
-        for partition, (key, value) in placed:
-            await self.outbox.send(topic, key, value, partition)
+        with self.profiler.profile_operation("send", "publish"):
+            for partition, (key, value) in placed:
+                await self.outbox.send(topic, key, value, partition)
 
     async def _commit(self, positions: dict[kafka.TopicPartition, int]) -> bool:
         owned = {tp: off for tp, off in positions.items() if tp in self.assigned}

@@ -35,6 +35,7 @@ def test_quick_benchmark_run_produces_every_figure_and_target(tmp_path: Path) ->
         "emitter",
         "churn",
         "scrape",
+        "sustained",
     } <= benches
     assert all(figure["n"] >= 1 for figure in result["figures"])
     missing = [t["name"] for t in result["targets"] if t["value"] is None]
