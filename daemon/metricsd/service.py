@@ -197,6 +197,8 @@ class Service:
                 before_checkpoint=c.before_checkpoint,
                 summaries_reduced=dict(c.reduced),
                 runs_tracked=self.monitor.runs_tracked,
+                rank_values_dropped=self.monitor.rank_values_dropped,
+                early_ticks=c.early_ticks,
                 flushed=self._flushed,
             )
         if not self._flushed:
@@ -387,6 +389,9 @@ class Service:
             publish_failures=self.pipeline.outbox.failures,
             publish_dropped=self.pipeline.outbox.dropped,
             summaries_reduced=dict(c.reduced),
+            rank_values_dropped=self.monitor.rank_values_dropped,
+            early_ticks=c.early_ticks,
+            retire_passes=self.monitor.retire_passes,
         )
         return now, c.events
 
