@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import socket
 import sys
+from collections import OrderedDict
 from typing import Any, TextIO
 
 import orjson
@@ -100,6 +101,9 @@ def _http_port(settings: Settings) -> int:
             return int(sock.getsockname()[1])
 
 
+_SEEN = 100_000  # summary ids the printer remembers for de-duplication
+
+
 async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None:
     """Print one line per count-window summary (and per profile record) as they arrive.
 
@@ -111,7 +115,9 @@ async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None
         bootstrap, group_id=f"{settings.group_id}-dev-printer", security=settings.security
     )
     await consumer.start()
-    seen: set[Any] = set()
+    # The ids of the newest summaries, bounded: a re-delivery comes within a few ticks of the
+    # first copy, and an hour-long demo would otherwise keep every id it ever printed.
+    seen: OrderedDict[Any, None] = OrderedDict()
     try:
         consumer.subscribe([settings.output_topic])
         while True:
@@ -122,7 +128,9 @@ async def _print_summaries(bootstrap: str, settings: Settings, out: Any) -> None
                     identity = body.get("id") or (body.get("instance"), body.get("emitted_at"))
                     if identity in seen:
                         continue
-                    seen.add(identity)
+                    seen[identity] = None
+                    if len(seen) > _SEEN:
+                        seen.popitem(last=False)
                     line = _describe(body)
                     if line:
                         print(line, file=out, flush=True)
