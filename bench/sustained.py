@@ -173,13 +173,11 @@ async def _daemon_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _bare_child(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-    import orjson
     from aiokafka import TopicPartition
     from metricsd.config import Settings
 
     from bench.common import daemon_consumer
-    from bench.ingest import _Ring
+    from bench.ingest import _group_scalars, _Ring
 
     settings = Settings()
     if args.gc_thresholds:
@@ -189,7 +187,6 @@ async def _bare_child(args: argparse.Namespace) -> dict[str, Any]:
     consumer = daemon_consumer(args.bootstrap, args.group)
     await consumer.start()
     ring = _Ring(args.runs, settings.monitor.window, 1)
-    loads = orjson.loads
     first: tuple[float, int] | None = None
     done = 0
     try:
@@ -199,17 +196,7 @@ async def _bare_child(args: argparse.Namespace) -> dict[str, Any]:
             batch = await consumer.getmany(timeout_ms=500, max_records=settings.max_records)
             if not batch:
                 continue
-            groups: dict[str, list[float]] = {}
-            for records in batch.values():
-                for record in records:
-                    doc = loads(record.value)
-                    values = groups.get(doc["run_id"])
-                    if values is None:
-                        values = groups[doc["run_id"]] = []
-                    values.append(doc["seconds"])
-                done += len(records)
-            for key, values in groups.items():
-                ring.write(key, np.array(values, dtype=np.float64)[None, :])
+            done += _group_scalars(batch, ring)  # exactly the ingest bench's bare loop
             if first is None:
                 first = (time.perf_counter(), done)
         last = (time.perf_counter(), done)
