@@ -218,6 +218,7 @@ async def _churn_repetition(
             "--output-topic", topic_out, "--group-id", f"bench-mem-{name}-{rep}",
             "--max-runs", str(_CHURN_MAX_RUNS), "--window", str(_CHURN_WINDOW),
             "--interval", "1", "--stats-interval", "1",
+            "--http-port", "0",  # the default port may be another daemon's on this machine
         ],
         log_path,
     )  # fmt: skip

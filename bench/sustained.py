@@ -130,6 +130,9 @@ async def _daemon_child(args: argparse.Namespace) -> dict[str, Any]:
         group_id=args.group,
         interval=args.interval,
         partitions=args.partitions,
+        # No HTTP port: an idle one costs nothing (bench scrape measures a scraped one), and the
+        # default 9464 may be another daemon's on this machine.
+        http_port=0,
     )
     stop = asyncio.Event()
     span = _Span()
