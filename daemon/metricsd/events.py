@@ -3,8 +3,11 @@
 Plan
 ----
 Operations: ``Decoder.decode(key, value)`` turns one Kafka record into one event (a frozen
-dataclass) or raises :class:`InvalidEvent`. Records going out (summaries, profiles, dead letters)
-are built and serialised by ``metricsd.records``.
+dataclass) or raises :class:`InvalidEvent`. ``Decoder.decode_hot`` is the ingest hot path's
+variant: the same verdicts, but a batch_time or scalar without a rank comes back as a plain
+:data:`Hot` tuple (``Monitor.collect`` appends its values to the run's pending row directly).
+Records going out (summaries, profiles, dead letters) are built and serialised by
+``metricsd.records``.
 
 Contract: for ANY key and value bytes, ``decode`` returns an :data:`Event` or raises
 ``InvalidEvent`` whose ``reason`` is one of :data:`REASONS`. Any other exception escaping ``decode``

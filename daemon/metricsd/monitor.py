@@ -16,6 +16,13 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   ``collect``) and then writes each row once (one slice assignment per channel), so the cost per
   event is a dict lookup and a list append. Per-event analyses (attention, features) run
   vectorised over the whole batch (the kind's ``build``).
+- The daemon's hot path splits that in two: ``collect(records, decoder, now)`` decodes records
+  (``Decoder.decode_hot``) straight into the pending rows, without an event object for the
+  common events (batch_time and scalar without a rank; any other event is collected as
+  ``ingest`` collects it, at its place), and ``ingest_intake`` writes them. Same rows, same
+  values in the same order, same run_end splits and incarnations as ``ingest`` over the events
+  of the valid records (tests/test_fastpath.py). The pipeline profiles ``collect`` as
+  ``decode`` and ``ingest_intake`` as ``ingest``.
 - ``due`` computes, for each kind, the statistics of every row that received data since the
   previous call, in one vectorised pass per window: the count window (the newest N values) and the
   time windows (values whose event time is within T seconds of the row's newest event time:
