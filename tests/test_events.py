@@ -52,14 +52,60 @@ def dumps(doc: Any) -> bytes:
         return json.dumps(doc, allow_nan=False).encode()
 
 
-def reason_of(key: bytes | None, value: bytes | None, decoder: Decoder = DECODER) -> str:
-    """The decoder's verdict: "ok" or the reason of the InvalidEvent."""
+def _verdict(decode: Any, key: bytes | None, value: bytes | None) -> tuple[str, Any]:
     try:
-        decoder.decode(key, value)
+        got = decode(key, value)
     except InvalidEvent as exc:
         assert exc.reason in REASONS
-        return exc.reason
+        return exc.reason, exc.detail
+    return "ok", got
+
+
+def _hot_of(event: BatchTime | Scalar) -> tuple[Any, ...]:
+    """The ``Hot`` tuple decode_hot must return where decode returns ``event``."""
+    if isinstance(event, BatchTime):
+        values, name = event.seconds, None
+    else:
+        values, name = event.value, event.name
+    return (event.run_id, event.ts, values if type(values) is float else values.tolist(), name)
+
+
+def reason_of(key: bytes | None, value: bytes | None, decoder: Decoder = DECODER) -> str:
+    """The decoder's verdict: "ok" or the reason of the InvalidEvent.
+
+    Every verdict is reached twice, by ``decode`` and by the ingest hot path ``decode_hot``: both
+    must agree on the reason and the detail, and on the values of an accepted record (a Hot
+    tuple for a batch_time or scalar without a rank, the same event otherwise).
+    """
+    reason, got = _verdict(decoder.decode, key, value)
+    hot_reason, hot = _verdict(decoder.decode_hot, key, value)
+    if reason != "ok":
+        assert (hot_reason, hot) == (reason, got)
+        return reason
+    assert hot_reason == "ok"
+    doc = orjson.loads(value)  # type: ignore[arg-type]  # accepted: a JSON object
+    if doc["type"] in ("batch_time", "scalar") and doc.get("rank") is None:
+        want = _hot_of(got)
+        assert type(hot) is tuple and _same(hot, want), (hot, want)
+    else:
+        assert type(hot) is type(got)
+        assert _same(list(_fields(hot)), list(_fields(got)))
     return "ok"
+
+
+def _fields(event: Any) -> Any:
+    for name in type(event).__slots__:
+        value = getattr(event, name)
+        yield value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN and float types kept (1 is not 1.0)."""
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if type(a) is float and type(b) is float and math.isnan(a):
+        return math.isnan(b)
+    return type(a) is type(b) and a == b
 
 
 def _overflows(doc: Any) -> bool:

@@ -137,12 +137,15 @@ def test_dead_letter_reasons_match_code() -> None:
 
 
 def test_dead_letter_example_is_a_real_rejection() -> None:
-    """The dead_letter example's value really is rejected by the decoder for the stated reason."""
+    """The dead_letter example's value really is rejected by the decoder for the stated reason,
+    by ``decode`` and by the ingest hot path's ``decode_hot`` alike."""
     example = load("dead_letter")["examples"][0]
     key = base64.b64decode(example["key_b64"])
-    with pytest.raises(InvalidEvent) as info:
-        Decoder().decode(key, base64.b64decode(example["value_b64"]))
-    assert info.value.reason == example["reason"]
+    decoder = Decoder()
+    for decode in (decoder.decode, decoder.decode_hot):
+        with pytest.raises(InvalidEvent) as info:
+            decode(key, base64.b64decode(example["value_b64"]))
+        assert info.value.reason == example["reason"]
 
 
 # ---------------------------------------------------------------------- events: tables

@@ -3,8 +3,11 @@
 Plan
 ----
 Operations: ``Decoder.decode(key, value)`` turns one Kafka record into one event (a frozen
-dataclass) or raises :class:`InvalidEvent`. Records going out (summaries, profiles, dead letters)
-are built and serialised by ``metricsd.records``.
+dataclass) or raises :class:`InvalidEvent`. ``Decoder.decode_hot`` is the ingest hot path's
+variant: the same verdicts, but a batch_time or scalar without a rank comes back as a plain
+:data:`Hot` tuple (``Monitor.collect`` appends its values to the run's pending row directly).
+Records going out (summaries, profiles, dead letters) are built and serialised by
+``metricsd.records``.
 
 Contract: for ANY key and value bytes, ``decode`` returns an :data:`Event` or raises
 ``InvalidEvent`` whose ``reason`` is one of :data:`REASONS`. Any other exception escaping ``decode``
@@ -86,6 +89,7 @@ __all__ = [
     "Decoder",
     "Event",
     "Features",
+    "Hot",
     "InvalidEvent",
     "Prediction",
     "RunEnd",
@@ -226,6 +230,11 @@ class _BatchTimeShell:
 
 _Doc: TypeAlias = dict[str, Any]
 
+#: What ``Decoder.decode_hot`` returns for the common events instead of an event object:
+#: ``(run_id, ts, values, name)``, ``values`` a float or a list of floats (a JSON array), ``name``
+#: None for a batch_time (without a rank), the scalar's name for a scalar (without a rank).
+Hot: TypeAlias = tuple[str, float | None, float | list[float], str | None]
+
 
 class Decoder:
     """Bytes of one Kafka record -> one :data:`Event`, or :class:`InvalidEvent`.
@@ -268,6 +277,9 @@ class Decoder:
             raise InvalidEvent(
                 "not_an_object", f"the value must be a JSON object, got {_snip(doc)}"
             )
+        return self._event(key, doc)
+
+    def _event(self, key: bytes | None, doc: _Doc) -> Event:
         try:
             handler = self._handlers[doc["type"]]
         except (KeyError, TypeError):  # absent, unknown, or unhashable (a list or an object)
@@ -276,6 +288,77 @@ class Decoder:
         if key is not None and key != event.run_id.encode():
             raise _bad_key(key, event.run_id)
         return event
+
+    def decode_hot(self, key: bytes | None, value: bytes | None) -> Hot | Event:
+        """``decode`` for the ingest hot path: the same accept/reject decisions and reasons, but a
+        batch_time or scalar without a rank comes back as a :data:`Hot` tuple (no event object;
+        ``step`` is validated and dropped: nothing downstream reads it). Everything else (other
+        types, a rank) is the event ``decode`` returns, decoded from the same parse.
+
+        The checks are those of ``_batch_time`` and ``_scalar`` in the same order (the first
+        failing field names the error); ``tests/test_events.py`` runs every agreement test
+        through both methods.
+        """
+        try:
+            doc = orjson.loads(value)  # type: ignore[arg-type]  # None -> JSONDecodeError
+        except orjson.JSONDecodeError as exc:
+            raise _unparseable(value, exc) from exc
+        if type(doc) is not dict:
+            raise InvalidEvent(
+                "not_an_object", f"the value must be a JSON object, got {_snip(doc)}"
+            )
+        kind = doc.get("type")
+        if kind == "batch_time" and doc.get("rank") is None:
+            run_id = doc.get("run_id")
+            if type(run_id) is not str or not 0 < len(run_id) <= _MAX_RUN_ID:
+                raise _schema("run_id", _RUN_ID, run_id)
+            ts = doc.get("ts")
+            if ts is not None and (type(ts) is not float or ts < 0.0):
+                ts = _slow_ts(ts)
+            step = doc.get("step")
+            if step is not None and (type(step) is not int or not 0 <= step <= _I64_MAX):
+                _index("step", step)
+            seconds = doc.get("seconds")
+            if type(seconds) is float:
+                if seconds < 0.0:
+                    raise _schema("seconds", _SECONDS, seconds)
+            elif type(seconds) is int and seconds >= 0:
+                seconds = float(seconds)
+            elif type(seconds) is list:
+                seconds = self._floats(seconds, "seconds", nonnegative=True).tolist()
+            else:
+                raise _schema("seconds", _SECONDS, seconds)
+            if key is not None and key != run_id.encode():
+                raise _bad_key(key, run_id)
+            return (run_id, ts, seconds, None)
+        if kind == "scalar" and doc.get("rank") is None:
+            run_id = _run_id(doc.get("run_id"))
+            ts = _ts(doc.get("ts"))
+            step = doc.get("step")
+            if step is not None:
+                _index("step", step)
+            name = doc.get("name")
+            if type(name) is not str or not 0 < len(name) <= _MAX_NAME:
+                raise _schema("name", "a string of 1 to 256 characters", name)
+            number = doc.get("value", _MISSING)
+            if number is None:
+                number = math.nan
+            elif number is _MISSING:
+                raise _schema("value", "present (a number, null or an array of them)", None)
+            elif type(number) is float:
+                pass
+            elif type(number) is int:
+                number = float(number)
+            elif type(number) is list:
+                number = self._nullable_floats(number, "value").tolist()
+            else:
+                raise _schema(
+                    "value", "a number, null or a non-empty array of numbers or nulls", number
+                )
+            if key is not None and key != run_id.encode():
+                raise _bad_key(key, run_id)
+            return (run_id, ts, number, name)
+        return self._event(key, doc)
 
     # ------------------------------------------------------------------ one handler per type
     def _batch_time(self, doc: _Doc) -> BatchTime:

@@ -16,6 +16,13 @@ Feed-and-poll, no I/O (h11 style): the shell decodes records into events, hands 
   ``collect``) and then writes each row once (one slice assignment per channel), so the cost per
   event is a dict lookup and a list append. Per-event analyses (attention, features) run
   vectorised over the whole batch (the kind's ``build``).
+- The daemon's hot path splits that in two: ``collect(records, decoder, now)`` decodes records
+  (``Decoder.decode_hot``) straight into the pending rows, without an event object for the
+  common events (batch_time and scalar without a rank; any other event is collected as
+  ``ingest`` collects it, at its place), and ``ingest_intake`` writes them. Same rows, same
+  values in the same order, same run_end splits and incarnations as ``ingest`` over the events
+  of the valid records (tests/test_fastpath.py). The pipeline profiles ``collect`` as
+  ``decode`` and ``ingest_intake`` as ``ingest``.
 - ``due`` computes, for each kind, the statistics of every row that received data since the
   previous call, in one vectorised pass per window: the count window (the newest N values) and the
   time windows (values whose event time is within T seconds of the row's newest event time:
@@ -62,12 +69,14 @@ orjson writes as ``null`` (JSON never carries NaN or Infinity).
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from metricsd.changelog import RowState
 from metricsd.config import MonitorSettings
-from metricsd.events import Event, RunEnd
+from metricsd.events import BatchTime, Decoder, Event, InvalidEvent, RunEnd, Scalar
 from metricsd.profiler import Profiler
 from metricsd.recency import Recency
 from metricsd.windows import KINDS, Batch, Kind, Pending, Record, Row, summarise, summarise_ranks
@@ -78,6 +87,7 @@ __all__ = [
     "MAX_SPLITS",
     "MAX_STREAMS",
     "RESERVE_FRACTION",
+    "Intake",
     "Monitor",
     "Offsets",
 ]
@@ -103,6 +113,33 @@ class Offsets(Protocol):
     """Input offsets of a batch's events by index (a list, or a view of the consumed records)."""
 
     def __getitem__(self, index: int, /) -> int: ...
+
+
+class _Record(Protocol):
+    """What ``Monitor.collect`` reads of an input record (a consumer record)."""
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Intake:
+    """Records decoded and collected by ``Monitor.collect``, for ``Monitor.ingest_intake``.
+
+    ``batches[i]`` is flushed, then run ``ends[i]`` ended (a ``run_end`` splits the records as
+    in ``ingest``); the last batch has no end. ``events`` counts the valid records, ``by_type``
+    them by event class; ``bad`` holds each rejected record with its error, in input order.
+    """
+
+    batches: list[Batch]
+    ends: list[str] = field(default_factory=list)
+    events: int = 0
+    by_type: Counter[type] = field(default_factory=Counter)
+    bad: list[tuple[InvalidEvent, Any]] = field(default_factory=list)
+    clamped: int = 0  # event times beyond now + MAX_FUTURE, replaced by now
 
 
 class Monitor:
@@ -164,12 +201,9 @@ class Monitor:
         # Bounded memory. Tracked runs by last activity, least recent first (same keys as _runs).
         self._recency = Recency(settings.idle_timeout)
         self._unstamped: list[str] = []
-        # Input positions of the batch being ingested (for the incarnation of new rows): its
-        # events, their offsets (None: unknown), and id(event) -> index, built only when a
-        # batch creates a row.
-        self._events: Sequence[Event] = ()
+        # Input offsets of the batch being ingested by event index (None: unknown), for the
+        # incarnation of new rows (a pending row keeps the index of its first event).
         self._offsets: Offsets | None = None
-        self._where: dict[int, int] | None = None
         self.runs_evicted_idle = 0
         self.runs_evicted_capacity = 0
         self.streams_evicted = 0  # splits and scalar names closed because of MAX_STREAMS
@@ -224,18 +258,18 @@ class Monitor:
         row: it names the row's incarnation); None leaves incarnations empty (see above).
         """
         with self.profiler.profile_operation("ingest", "ingest"):
-            self._events, self._offsets, self._where = events, offsets, None
+            self._offsets = offsets
             try:
                 self._ingest(events, now, partition)
             finally:
-                self._events, self._offsets, self._where = (), None, None
+                self._offsets = None
 
     def _ingest(self, events: Sequence[Event], now: float, partition: int) -> None:
         self._recency.advance(now)
         collect = self._collect
         batch = Batch(self._kind)
         values = 0
-        for ev in events:
+        for i, ev in enumerate(events):
             if type(ev) is RunEnd:
                 values += self._flush(batch, partition, now)
                 batch = Batch(self._kind)
@@ -249,10 +283,114 @@ class Monitor:
                 if ts is not None:
                     self.future_ts_clamped += 1
                 ts = now
+            batch.position = i
             collector(batch, ev, ts)
         values += self._flush(batch, partition, now)
         self.events_ingested += len(events)
         self.values_ingested += values
+
+    # -- the hot path: records -> pending rows, without event objects ---------------------
+    def collect(self, records: Iterable[_Record], decoder: Decoder, now: float) -> Intake:
+        """Decode ``records`` and group their values by row, ready for ``ingest_intake``.
+
+        The common events (batch_time and scalar without a rank: ``Decoder.decode_hot``) go
+        straight into their pending rows; every other event is collected as ``ingest`` collects
+        it, at its place in the input, so the rows, their values' order and the ``run_end``
+        splits are exactly those of ``ingest`` over the valid records' events. Rejected records
+        are returned (``Intake.bad``), not collected. Nothing of the window state changes here.
+        """
+        decode = decoder.decode_hot
+        kinds = self._kind
+        collect = self._collect
+        batch = Batch(kinds)
+        intake = Intake([batch])
+        bad = intake.bad
+        times = batch.index["batch_time"]
+        scalars = batch.index["scalar"]
+        limit = now + MAX_FUTURE
+        others: list[type] = []
+        good = hot_times = hot_scalars = clamped = 0
+        for record in records:
+            try:
+                got = decode(record.key, record.value)
+            except InvalidEvent as exc:
+                bad.append((exc, record))
+                continue
+            if type(got) is tuple:
+                run_id, ts, values, name = got
+                if ts is None:
+                    ts = now
+                elif ts > limit:
+                    clamped += 1
+                    ts = now
+                if name is None:
+                    hot_times += 1
+                    pending = times.get(run_id)
+                    if pending is None:
+                        batch.position = good
+                        pending = batch.add(run_id, run_id, "batch_time", "batch_time", None)
+                else:
+                    hot_scalars += 1
+                    key = (run_id, name)
+                    pending = scalars.get(key)
+                    if pending is None:
+                        batch.position = good
+                        pending = batch.add(key, run_id, f"scalar/{name}", "scalar", None)
+                if type(values) is float:
+                    pending.items.append(values)
+                    pending.ts.append(ts)
+                else:
+                    pending.items.extend(values)  # type: ignore[arg-type]  # a list here
+                    pending.ts.extend([ts] * len(values))  # type: ignore[arg-type]
+            else:
+                ev: Event = got  # type: ignore[assignment]
+                others.append(type(ev))
+                if type(ev) is RunEnd:
+                    intake.ends.append(ev.run_id)
+                    batch = Batch(kinds)
+                    intake.batches.append(batch)
+                    times = batch.index["batch_time"]
+                    scalars = batch.index["scalar"]
+                else:
+                    ts = ev.ts
+                    if ts is None:
+                        ts = now
+                    elif ts > limit:
+                        clamped += 1
+                        ts = now
+                    batch.position = good
+                    collect[type(ev)](batch, ev, ts)
+            good += 1
+        intake.events = good
+        intake.clamped = clamped
+        by_type = intake.by_type
+        if hot_times:
+            by_type[BatchTime] = hot_times
+        if hot_scalars:
+            by_type[Scalar] = hot_scalars
+        if others:
+            by_type.update(others)
+        return intake
+
+    def ingest_intake(
+        self, intake: Intake, now: float, partition: int = -1, offsets: Offsets | None = None
+    ) -> None:
+        """Write what ``collect`` gathered, as ``ingest`` writes its events (``offsets[i]``: the
+        input offset of the i-th valid record)."""
+        with self.profiler.profile_operation("ingest", "ingest"):
+            self._offsets = offsets
+            try:
+                self._recency.advance(now)
+                values = 0
+                for batch, run_id in itertools.zip_longest(intake.batches, intake.ends):
+                    values += self._flush(batch, partition, now)
+                    if run_id is not None:
+                        self.end_run(run_id, now)
+                self.future_ts_clamped += intake.clamped
+                self.events_ingested += intake.events
+                self.values_ingested += values
+            finally:
+                self._offsets = None
 
     def _flush(self, batch: Batch, partition: int, now: float) -> int:
         """Write the batch's rows: runs marked active first (making room at once), then each
@@ -300,12 +438,13 @@ class Monitor:
         partition: int,
         task: str | None = None,
         now: float | None = None,
-        first: Event | None = None,
+        first: int | None = None,
     ) -> Row:
         """The row of (run, stream), created if new: room is made first (capacity eviction,
         ``MAX_SPLITS``). ``now`` None (a restore, outside ingest) makes a new run active as of
         the next ``ingest`` or ``due``. ``first``: the event of the batch being ingested that
-        creates the row (its position is the incarnation); None for a restore, which sets it."""
+        creates the row, by index (its position is the incarnation); None for a restore, which
+        sets it."""
         ref = self._rows.get((run_id, stream))
         if ref is not None and ref.kind is kind:
             return ref
@@ -330,18 +469,12 @@ class Monitor:
             self._partition_of[run_id] = partition
         return ref
 
-    def _incarnation(self, first: Event, partition: int) -> str:
-        """``"<partition>:<offset>"`` of the event ``first`` of the batch being ingested."""
+    def _incarnation(self, first: int, partition: int) -> str:
+        """``"<partition>:<offset>"`` of the event at index ``first`` of the batch ingested."""
         offsets = self._offsets
-        if offsets is None:
+        if offsets is None or first < 0:
             return ""
-        where = self._where
-        if where is None:
-            events = self._events
-            last = len(events) - 1
-            # Reversed, so that an event object given twice is found at its first place.
-            where = self._where = {id(ev): last - i for i, ev in enumerate(reversed(events))}
-        return f"{partition}:{offsets[where[id(first)]]}"
+        return f"{partition}:{offsets[first]}"
 
     # -- summaries -------------------------------------------------------------------------
     def due(self, now: float) -> list[Record]:

@@ -98,7 +98,9 @@ class Pending:
     stream: str
     kind: Kind
     task: str | None
-    first: Any = None  # the row's first event of the batch: its input position names a new row
+    # Index in the batch of the row's first event (-1: unknown): its input position (offset)
+    # names a new row's incarnation.
+    first: int = -1
     items: list[Any] = field(default_factory=list)
     ts: list[float] = field(default_factory=list)
 
@@ -116,12 +118,15 @@ class Batch:
     kinds: dict[str, Kind]
     rows: list[Pending] = field(default_factory=list)
     index: dict[str, dict[Any, Pending]] = field(default_factory=lambda: defaultdict(dict))
+    # Index in the ingested batch of the event being collected (set by the Monitor before each
+    # collect): a new pending row remembers it as its ``first``.
+    position: int = -1
 
-    def add(
-        self, key: Any, first: Any, run_id: str, stream: str, kind: str, task: str | None
-    ) -> Pending:
-        """A new pending row for ``key`` of ``kind``, started by the event ``first``."""
-        pending = self.index[kind][key] = Pending(run_id, stream, self.kinds[kind], task, first)
+    def add(self, key: Any, run_id: str, stream: str, kind: str, task: str | None) -> Pending:
+        """A new pending row for ``key`` of ``kind``, started by the event at ``position``."""
+        pending = self.index[kind][key] = Pending(
+            run_id, stream, self.kinds[kind], task, self.position
+        )
         self.rows.append(pending)
         return pending
 
@@ -131,13 +136,13 @@ def _collect_batch_time(batch: Batch, ev: BatchTime, ts: float) -> None:
     run_id = ev.run_id
     pending = batch.index["batch_time"].get(run_id)
     if pending is None:
-        pending = batch.add(run_id, ev, run_id, "batch_time", "batch_time", None)
+        pending = batch.add(run_id, run_id, "batch_time", "batch_time", None)
     _extend(pending, ev.seconds, ts)
     if ev.rank is not None:  # also the rank's own window (the run's ranks summary)
         key = (run_id, ev.rank)
         ranked = batch.index["rank"].get(key)
         if ranked is None:
-            ranked = batch.add(key, ev, run_id, f"{RANK_PREFIX}{ev.rank}", "rank", None)
+            ranked = batch.add(key, run_id, f"{RANK_PREFIX}{ev.rank}", "rank", None)
         _extend(ranked, ev.seconds, ts)
 
 
@@ -154,7 +159,7 @@ def _collect_scalar(batch: Batch, ev: Scalar, ts: float) -> None:
     key = (ev.run_id, ev.name)
     pending = batch.index["scalar"].get(key)
     if pending is None:
-        pending = batch.add(key, ev, ev.run_id, f"scalar/{ev.name}", "scalar", None)
+        pending = batch.add(key, ev.run_id, f"scalar/{ev.name}", "scalar", None)
     _extend(pending, ev.value, ts)
 
 
@@ -162,7 +167,7 @@ def _collect_prediction(batch: Batch, ev: Prediction, ts: float) -> None:
     key = (ev.run_id, ev.split)
     pending = batch.index[ev.task].get(key)
     if pending is None:
-        pending = batch.add(key, ev, ev.run_id, f"prediction/{ev.split}", ev.task, ev.task)
+        pending = batch.add(key, ev.run_id, f"prediction/{ev.split}", ev.task, ev.task)
     pending.items.append((ev.y_true, ev.y_pred))
     pending.ts.append(ts)
 
@@ -172,7 +177,7 @@ def _collect_single(name: str, item: Any, batch: Batch, ev: Event, ts: float) ->
     run_id = ev.run_id
     pending = batch.index[name].get(run_id)
     if pending is None:
-        pending = batch.add(run_id, ev, run_id, name, name, None)
+        pending = batch.add(run_id, run_id, name, name, None)
     pending.items.append(item)
     pending.ts.append(ts)
 
