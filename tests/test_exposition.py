@@ -491,3 +491,24 @@ def test_the_page_has_exactly_the_series_of_deploy_metrics_txt() -> None:
             assert family.type == "summary"
         found[name] = (kind, frozenset(labels))
     assert found == contract
+
+
+def test_a_distributed_runs_steps_per_second_counts_steps_not_every_ranks_batches() -> None:
+    """Each step of a run of 4 ranks sends 4 batch times: its steps/s gauge is the batch_time
+    summary's rate divided by the ranks summary's count of ranks."""
+    monitor = Monitor(MonitorSettings(window=100, time_windows=()))
+    events = [
+        ev(type="batch_time", run_id="d", ts=1_000.0 + 0.5 * step, seconds=0.1, rank=rank)
+        for step in range(40)
+        for rank in range(4)
+    ]
+    monitor.ingest(events, 1_030.0)
+    records = monitor.due(1_030.0)
+    runs = RunSeries(10)
+    runs.update(records)
+    (batch,) = [r for r in records if r["stream"] == "batch_time"]
+    rate = steps_per_second(batch)
+    assert rate is not None
+    got = samples(runs.text())
+    assert got[key("metricsd_run_steps_per_second", run_id="d")] == pytest.approx(rate / 4)
+    assert rate / 4 == pytest.approx(2.0, rel=0.05)  # one step every 0.5 s

@@ -237,18 +237,23 @@ _Sample = tuple[int, str, str, float]
 class _Run:
     """The latest samples of one run, per stream, and its rendered lines per family."""
 
-    __slots__ = ("label", "last_ts", "lines", "streams")
+    __slots__ = ("label", "last_ts", "lines", "ranks", "streams")
 
     def __init__(self, run_id: str) -> None:
         self.label = f'run_id="{_escape(run_id)}"'
         self.streams: dict[str, list[_Sample]] = {}
         self.last_ts: dict[str, float] = {}
         self.lines: list[str] = []
+        # Ranks of a distributed run (its ranks summary): each step is one batch per rank, so
+        # its steps/s is the batch_time rate over them.
+        self.ranks = 1
 
     def render(self) -> None:
         by_family: list[list[str]] = [[] for _ in _FAMILIES]
         for samples in self.streams.values():
             for family, before, after, value in samples:
+                if family == _RATE:
+                    value /= self.ranks
                 by_family[family].append(
                     f"{_FAMILIES[family][0]}{{{before}{self.label}{after}}} {_value(value)}\n"
                 )
@@ -329,6 +334,9 @@ class RunSeries:
                 if run is None:
                     run = _Run(run_id)
                 run.streams[stream] = _samples(record)
+                if stream == "ranks":
+                    count = _number((record.get("metrics") or {}).get("ranks"))
+                    run.ranks = int(count) if count > 1 else 1  # NaN > 1 is False
                 last = _number(record.get("last_ts"))
                 if not math.isnan(last):
                     run.last_ts[stream] = last
