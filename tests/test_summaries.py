@@ -182,6 +182,8 @@ def test_batch_time_figures_are_percentiles_mean_and_event_time_rate() -> None:
     ]
     one = summary(metrics=m, count=1, first_ts=3.0, last_ts=3.0)
     assert values(one)["steps/s"] is None
+    # a run of 4 ranks: 4 batches per step
+    assert {f.label: f.value for f in key_figures(rec, ranks=4)}["steps/s"] == 1.25
 
 
 @pytest.mark.parametrize(
@@ -326,6 +328,30 @@ def test_tail_table_shows_one_row_per_run_and_stream_with_figures_age_and_state(
     done = next(line for line in lines if "done" in line)
     assert "ended" in done and "2m" in done
     assert "1 duplicates skipped" in text and "tick p95 2.5 ms" in text
+
+
+def test_tail_table_gives_a_distributed_runs_steps_not_its_batches() -> None:
+    """A run with a ranks summary of 4 ranks: its batch_time row's steps/s is the batch rate
+    over 4; a run without one keeps the batch rate."""
+    from metricsd.tail import render_table
+    from rich.console import Console
+
+    store = Summaries()
+    m = {"median": 0.15, "p95": 0.2, "p99": 0.4, "mean": 0.16}
+    store.extend(
+        [
+            summary(run="dist", metrics=m, count=101, first_ts=0.0, last_ts=20.0),
+            summary(run="dist", stream="ranks", metrics={"ranks": 4, "median": 0.15}),
+            summary(run="solo", metrics=m, count=101, first_ts=0.0, last_ts=20.0),
+        ]
+    )
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render_table(store, now=160.0))
+    lines = console.export_text().splitlines()
+    dist = next(line for line in lines if line.lstrip("│ ").startswith("dist"))
+    solo = next(line for line in lines if line.lstrip("│ ").startswith("solo"))
+    assert "steps/s 1.2/s" in dist, dist  # 1.25, shown to one decimal
+    assert "steps/s 5.0/s" in solo, solo
 
 
 @pytest.mark.parametrize("as_json", [True, False])

@@ -162,17 +162,20 @@ def steps_per_second(record: Mapping[str, Any]) -> float | None:
     return (count - 1) / (last - first)
 
 
-def key_figures(record: Mapping[str, Any]) -> list[Figure]:
-    """The 3-5 figures of a summary worth a glance, by stream kind (empty for unknown streams)."""
+def key_figures(record: Mapping[str, Any], *, ranks: int = 1) -> list[Figure]:
+    """The 3-5 figures of a summary worth a glance, by stream kind (empty for unknown streams).
+    ``ranks``: the run's ranks (its ranks summary), when it is distributed: every step is then
+    one batch per rank, so batch_time's steps/s is its batch rate over them."""
     m: Mapping[str, Any] = record.get("metrics") or {}
     kind = stream_kind(record)
     if kind == "batch_time":
+        rate = steps_per_second(record)
         return [
             Figure("p50", _get(m, "median"), "s"),
             Figure("p95", _get(m, "p95"), "s"),
             Figure("p99", _get(m, "p99"), "s"),
             Figure("mean", _get(m, "mean"), "s"),
-            Figure("steps/s", steps_per_second(record), "/s"),
+            Figure("steps/s", None if rate is None else rate / max(ranks, 1), "/s"),
         ]
     if kind == "ranks":
         slowest = m.get("slowest")

@@ -219,11 +219,16 @@ def render_table(
         table.add_column(name, justify=justify, no_wrap=name != "key figures")  # type: ignore[arg-type]
     for run in summaries.runs():
         ended = summaries.is_final(run)
+        ranked = summaries.latest(run, "ranks")
+        count = (ranked or {}).get("metrics", {}).get("ranks")
+        ranks = count if isinstance(count, int) and count > 1 else 1
         for i, stream in enumerate(summaries.streams(run)):
             record = summaries.latest(run, stream, window) or summaries.latest(run, stream)
             if record is None:
                 continue
-            figures = "  ".join(f"{f.label} [bold]{f.text()}[/]" for f in key_figures(record))
+            figures = "  ".join(
+                f"{f.label} [bold]{f.text()}[/]" for f in key_figures(record, ranks=ranks)
+            )
             state = "ended" if record.get("final") else "live"
             if record.get("window", {}).get("truncated"):
                 state += " (truncated)"
