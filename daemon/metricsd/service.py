@@ -307,17 +307,8 @@ class Service:
     def health(self) -> Health:
         """The state ``/metrics`` and ``/readyz`` show (taken at each scrape)."""
         p, c = self.pipeline, self.counters
-        consumer = self._consumer if self._subscribed else None
-        lag: dict[tuple[str, int], int] = {}
-        fetched = bool(p.assigned)
-        for tp in p.assigned:
-            high = consumer.highwater(tp) if consumer is not None else None
-            if high is None:  # no fetch response for it since the assignment
-                fetched = False
-                continue
-            position = p.consumed.get(tp)
-            if position is not None:  # else nothing consumed yet: the position is not known here
-                lag[(tp.topic, tp.partition)] = max(0, high - position)
+        lags, fetched = self._lag()
+        lag = {(tp.topic, tp.partition): n for tp, n in lags.items()}
         outbox = p.outbox if self._subscribed else None
         return Health(
             events_by_type=c.by_type,
@@ -363,14 +354,28 @@ class Service:
         )
         self.counters.profiles += 1
 
+    def _lag(self) -> tuple[dict[kafka.TopicPartition, int], bool]:
+        """Consumer lag (high watermark - consumed position) of each assigned partition where
+        both are known, and whether every assigned partition has a high watermark (a fetch
+        answered since its assignment; never before the consumer is subscribed)."""
+        p = self.pipeline
+        consumer = self._consumer if self._subscribed else None
+        lag: dict[kafka.TopicPartition, int] = {}
+        fetched = bool(p.assigned)
+        for tp in p.assigned:
+            high = consumer.highwater(tp) if consumer is not None else None
+            if high is None:  # no fetch response for it since the assignment
+                fetched = False
+                continue
+            position = p.consumed.get(tp)
+            if position is not None:  # else nothing consumed yet: the position is not known here
+                lag[tp] = max(0, high - position)
+        return lag, fetched
+
     def _log_stats(self, mark: tuple[float, int], now: float) -> tuple[float, int]:
         since, events_before = mark
         c = self.counters
-        lag = 0
-        for tp, position in self.pipeline.consumed.items():
-            high = self._consumer.highwater(tp)
-            if high is not None:
-                lag += max(0, high - position)
+        lag = sum(self._lag()[0].values())
         log.info(
             "stats",
             events_per_s=round((c.events - events_before) / max(now - since, 1e-9), 1),
