@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from metricsd.changelog import Changelog, Restore
 from metricsd.config import MonitorSettings
 from metricsd.events import BatchTime, Event, Prediction, RunEnd, Scalar
@@ -265,19 +266,15 @@ class _Consumer:
         self.commits.append(offsets)
 
 
-def test_the_pipeline_slices_churn_and_ticks_early_so_unacked_sends_stay_bounded() -> None:
-    """One fetched batch of 6,000 new runs on a partition (max_runs 100, changelog off): the
-    pipeline ingests it in slices once evictions start and ticks as soon as 3,000 finals wait,
-    so the outbox never holds more than a bounded number of sends, every offset is committed,
-    and every run's final summaries are published exactly once under unique ids."""
-    import asyncio
-
+def _pipeline(max_runs: int) -> tuple[Any, _Producer, _Consumer, Any]:
+    """A pipeline (changelog off, window 8 plus a 60 s window) on fakes that acknowledge at once,
+    assigned partition 0 of "in"."""
     from metricsd import kafka
     from metricsd.config import Settings
-    from metricsd.pipeline import BACKLOG_RECORDS, Pipeline
+    from metricsd.pipeline import Pipeline
     from metricsd.profiler import Profiler
 
-    monitor_settings = MonitorSettings(window=8, time_windows=(60.0,), max_runs=100)
+    monitor_settings = MonitorSettings(window=8, time_windows=(60.0,), max_runs=max_runs)
     settings = Settings(
         bootstrap_servers="unused:9092", input_topic="in", group_id="g", changelog=False,
         monitor=monitor_settings,
@@ -289,22 +286,57 @@ def test_the_pipeline_slices_churn_and_ticks_early_so_unacked_sends_stay_bounded
     pipeline.use_consumer(consumer)
     tp = kafka.TopicPartition("in", 0)
     pipeline.assigned.add(tp)
-    records = [
+    return pipeline, producer, consumer, tp
+
+
+def _batch_times(runs: list[str]) -> list[Any]:
+    """One batch_time record per entry of ``runs``, at offsets 0, 1, ... of partition 0."""
+    from metricsd import kafka
+
+    return [
         kafka.ConsumerRecord(
-            "in",
-            0,
-            offset,
-            0,
-            0,
-            f"r{offset}".encode(),
-            orjson.dumps({"type": "batch_time", "run_id": f"r{offset}", "seconds": 0.1}),
-            None,
-            4,
-            40,
-            [],
-        )
-        for offset in range(6000)
+            "in", 0, offset, 0, 0, run.encode(),
+            orjson.dumps({"type": "batch_time", "run_id": run, "seconds": 0.1}),
+            None, 4, 40, [],
+        )  # fmt: skip
+        for offset, run in enumerate(runs)
     ]
+
+
+@pytest.mark.parametrize("size", [499, 500, 501, 999, 1000, 1500, 2000, 4000])
+def test_a_probed_batch_is_ingested_exactly_once(size: int) -> None:
+    """A batch larger than the room for new runs but bringing few of them (100 runs, max_runs
+    500) goes in as probes of doubling size; every record is ingested once. Before, a probe that
+    reached the batch's length handed the whole batch again: a 1,000-record batch counted 1,500
+    events (seen in CI as 40,500 events for 40,000 in test_churn_broker)."""
+    import asyncio
+
+    pipeline, producer, consumer, tp = _pipeline(500)
+    runs = [f"r{i % 100}" for i in range(size)]
+
+    async def go() -> None:
+        await pipeline.consume({tp: _batch_times(runs)})
+        await pipeline.tick()
+
+    asyncio.run(go())
+    assert pipeline.counters.events == size
+    assert consumer.commits[-1][tp].offset == size
+    summaries = [orjson.loads(v) for t, v in producer.sent if t == "training.summaries" and v]
+    totals = {s["run_id"]: s["total"] for s in summaries if s["window"]["kind"] == "count"}
+    assert totals == {f"r{i}": runs.count(f"r{i}") for i in range(100)}
+
+
+def test_the_pipeline_slices_churn_and_ticks_early_so_unacked_sends_stay_bounded() -> None:
+    """One fetched batch of 6,000 new runs on a partition (max_runs 100, changelog off): the
+    pipeline ingests it in slices once evictions start and ticks as soon as 3,000 finals wait,
+    so the outbox never holds more than a bounded number of sends, every offset is committed,
+    and every run's final summaries are published exactly once under unique ids."""
+    import asyncio
+
+    from metricsd.pipeline import BACKLOG_RECORDS
+
+    pipeline, producer, consumer, tp = _pipeline(100)
+    records = _batch_times([f"r{offset}" for offset in range(6000)])
 
     async def go() -> None:
         await pipeline.consume({tp: records})

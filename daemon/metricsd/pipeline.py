@@ -262,7 +262,8 @@ class Pipeline:
                     else:
                         size = rest
                 tracked = self.monitor.runs_tracked
-                yield tp, records if size >= len(records) else records[start : start + size]
+                whole = start == 0 and size >= len(records)
+                yield tp, records if whole else records[start : start + size]
                 start += size
                 # A probe that brought no new run: the batch is the known runs' (steady state).
                 growing = self.monitor.runs_tracked != tracked
