@@ -264,11 +264,15 @@ def _rows_of(columns: dict[str, FloatArray], ints: Iterable[str] = ()) -> list[R
     return [dict(zip(names, values, strict=True)) for values in zip(*lists, strict=True)]
 
 
-def _numeric(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
-    return _rows_of(stats.numeric_summary(values[0], mask), ints=("count",))
+def _numeric(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
+    return _rows_of(stats.numeric_summary(values[0], mask, packed=packed), ints=("count",))
 
 
-def _scalar(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
+def _scalar(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
     """``batch_time``'s statistics over the finite values, and how many were not finite (sent
     as null: a NaN or infinite loss is a fault of the training to surface, not a value)."""
     finite = np.isfinite(values[0])
@@ -277,12 +281,16 @@ def _scalar(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> 
     return _rows_of(result, ints=("count", "non_finite"))
 
 
-def _binary(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
+def _binary(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
     result = stats.binary_summary(values[0], values[1], mask)
     return _rows_of(result, ints=("tp", "fp", "fn", "tn"))
 
 
-def _multiclass(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
+def _multiclass(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
     scalars, matrices = stats.multiclass_summary(values[0], values[1], mask)
     records = _rows_of(scalars)
     for record, (labels, matrix) in zip(records, matrices, strict=True):
@@ -291,12 +299,14 @@ def _multiclass(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray)
     return records
 
 
-def _regression(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
+def _regression(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
     return _rows_of(stats.regression_summary(values[0], values[1], mask, kind.threshold))
 
 
 def _cross_validation(
-    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
 ) -> list[Record]:
     """Channels: fold id, train loss, val loss. A fold sent again replaces the earlier one."""
     # Fold ids are compared by their float64 bit patterns (equal floats, equal bits): a cast to
@@ -307,25 +317,33 @@ def _cross_validation(
     return _rows_of(stats.cv_metrics(values[1], values[2], latest), ints=("folds",))
 
 
-def _figures(names: tuple[str, ...], values: FloatArray, mask: BoolArray) -> list[Record]:
+def _figures(
+    names: tuple[str, ...], values: FloatArray, mask: BoolArray, packed: bool
+) -> list[Record]:
     """Window statistics of per-event figures (one channel each), nested by figure name."""
     per_figure = []
     for c in range(len(names)):
-        result = stats.numeric_summary(values[c], mask)
+        result = stats.numeric_summary(values[c], mask, packed=packed)
         per_figure.append(_rows_of({k: result[k] for k in _WINDOW_STATS}, ints=("count",)))
     return [dict(zip(names, row, strict=True)) for row in zip(*per_figure, strict=True)]
 
 
-def _attention(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
-    return _figures(_ATTENTION_FIGURES, values, mask)
+def _attention(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
+    return _figures(_ATTENTION_FIGURES, values, mask, packed)
 
 
-def _features(kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray) -> list[Record]:
-    return _figures(_FEATURE_FIGURES, values, mask)
+def _features(
+    kind: Kind, values: FloatArray, mask: BoolArray, rows: IntArray, packed: bool = False
+) -> list[Record]:
+    return _figures(_FEATURE_FIGURES, values, mask, packed)
 
 
 # -- the table ---------------------------------------------------------------------------------
-Metrics = Callable[["Kind", FloatArray, BoolArray, IntArray], list[Record]]
+# (kind, values (C, rows, W), mask, rows, packed): ``packed`` says each row's masked slots come
+# first (``_compact``'s block), which the numeric statistics use to skip mask passes.
+Metrics = Callable[["Kind", FloatArray, BoolArray, IntArray, bool], list[Record]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,12 +366,26 @@ class KindSpec:
     group: str = ""
     # Metrics do not depend on which slot holds a value (all but cv, which reads arrival order).
     order_free: bool = True
+    # Time windows are packed (``_compact``) whatever their width, not only under half the
+    # buffer: the numeric statistics sort their block, and sorting a packed 600-of-1,000 window
+    # is ~25% quicker than the masked full width. The other kinds keep the half-width rule
+    # (counting gains little from packing; cv's packed arrival order is the known issue).
+    pack_wide: bool = True
 
 
 def _prediction(name: str, metrics: Metrics) -> KindSpec:
     """A prediction kind: one per task, fed by the predictions of that task."""
     return KindSpec(
-        name, 2, Prediction, _collect_prediction, _build_pairs, metrics, 1, 2, "prediction"
+        name,
+        2,
+        Prediction,
+        _collect_prediction,
+        _build_pairs,
+        metrics,
+        1,
+        2,
+        "prediction",
+        pack_wide=False,
     )
 
 
@@ -367,7 +399,7 @@ KINDS: tuple[KindSpec, ...] = (
     # _CrossValidation class said so; but its dataclass base's __init__ set the instance field
     # back to True, so cv time windows have always been compacted. Kept as it was: fixing it
     # changes cv time-window output (reported as a separate issue).
-    KindSpec("cv", 3, CvFold, _collect_cv, _build_folds, _cross_validation, 2, 1),
+    KindSpec("cv", 3, CvFold, _collect_cv, _build_folds, _cross_validation, 2, 1, pack_wide=False),
     KindSpec("attention", 2, Attention, _collect_attention, _build_attention, _attention, 3, 3),
     KindSpec("features", 3, Features, _collect_features, _build_features, _features, 4, 4),
     KindSpec("scalar", 1, Scalar, _collect_scalar, _build_scalars, _scalar, 5, 5, "scalar"),
@@ -409,8 +441,12 @@ class _Computed:
     last: FloatArray
 
 
-def _compact(values: FloatArray, mask: BoolArray, counts: IntArray) -> tuple[FloatArray, BoolArray]:
-    """The masked slots of each row moved to the left of a block as wide as the fullest row.
+def _compact(
+    values: FloatArray, mask: BoolArray, counts: IntArray, limit: int
+) -> tuple[FloatArray, BoolArray, bool]:
+    """The masked slots of each row moved to the left of a block as wide as the fullest row,
+    if that is narrower than ``limit`` and than the buffer; returns ``(values, mask, packed)``
+    (``packed``: each row's masked slots come first, and the statistics may rely on it).
 
     A 60 s window often holds a fraction of the 1,000-slot buffer; sorting the padded full width
     would cost as much as the count window. Slot order is not kept (only for order-free metrics).
@@ -419,13 +455,13 @@ def _compact(values: FloatArray, mask: BoolArray, counts: IntArray) -> tuple[Flo
     tenth of ``nonzero`` plus fancy indexing.
     """
     width = int(counts.max(initial=0))
-    if width == 0 or width > mask.shape[1] // 2:
-        return values, mask
+    if width == 0 or width > limit or width >= mask.shape[1]:
+        return values, mask, False
     packed_mask = np.arange(width)[None, :] < counts[:, None]
     packed = np.zeros((values.shape[0], mask.shape[0], width), dtype=np.float64)
     for channel in range(values.shape[0]):  # 2-D boolean indexing: ~10x quicker than 3-D
         packed[channel][packed_mask] = values[channel][mask]
-    return packed, packed_mask
+    return packed, packed_mask, True
 
 
 def summarise(
@@ -481,7 +517,7 @@ def _windows(kind: Kind, rows: IntArray, time_windows: Sequence[float]) -> list[
             windows.append(({"kind": "time", "seconds": seconds}, mask, truncated))
     computed: list[_Computed] = []
     valid_total = int(valid.sum())
-    metrics = kind.spec.metrics
+    spec = kind.spec
     for window, mask, truncated in windows:
         counts = mask.sum(axis=1)
         if computed and int(counts.sum()) == valid_total:
@@ -490,13 +526,15 @@ def _windows(kind: Kind, rows: IntArray, time_windows: Sequence[float]) -> list[
             per_row = [dict(m) for m in base.per_row]
             first, last_ts = base.first, base.last
         elif not computed:
-            per_row = metrics(kind, values, mask, rows)
+            per_row = spec.metrics(kind, values, mask, rows, False)
             first, last_ts = first_all, last_all
         else:
-            if kind.spec.order_free:
-                per_row = metrics(kind, *_compact(values, mask, counts), rows)
+            if spec.order_free:
+                limit = bank.width if spec.pack_wide else bank.width // 2
+                packed, packed_mask, is_packed = _compact(values, mask, counts, limit)
+                per_row = spec.metrics(kind, packed, packed_mask, rows, is_packed)
             else:
-                per_row = metrics(kind, values, mask, rows)
+                per_row = spec.metrics(kind, values, mask, rows, False)
             first = np.min(ts, axis=1, where=mask, initial=np.inf)  # 4x quicker than np.where
             last_ts = np.where(counts > 0, last_all, -np.inf)
         computed.append(_Computed(window, truncated, per_row, counts, first, last_ts))
