@@ -151,7 +151,7 @@ def test_restore_keeps_incarnation_and_seq() -> None:
     first.due(2.0)
     changelog = Changelog()
     changelog.assign([3])
-    placed = changelog.tick({3: 2}, *first.state_changes(), generation=1)
+    placed = changelog.tick({3: 2}, *first.state_changes())
     restore = Restore([3], "t")
     for _, (key, value) in [*placed, *restore.fences]:
         restore.feed(3, key, value)
@@ -293,13 +293,10 @@ def _batch_times(runs: list[str]) -> list[Any]:
     """One batch_time record per entry of ``runs``, at offsets 0, 1, ... of partition 0."""
     from metricsd import kafka
 
+    values = [orjson.dumps({"type": "batch_time", "run_id": r, "seconds": 0.1}) for r in runs]
     return [
-        kafka.ConsumerRecord(
-            "in", 0, offset, 0, 0, run.encode(),
-            orjson.dumps({"type": "batch_time", "run_id": run, "seconds": 0.1}),
-            None, 4, 40, [],
-        )  # fmt: skip
-        for offset, run in enumerate(runs)
+        kafka.ConsumerRecord("in", 0, offset, 0, 0, run.encode(), value, None, 4, 40, [])
+        for offset, (run, value) in enumerate(zip(runs, values, strict=True))
     ]
 
 

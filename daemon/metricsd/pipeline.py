@@ -420,7 +420,6 @@ class Pipeline:
                 {tp.partition: offset for tp, offset in positions.items()},
                 changed,
                 removed,
-                generation=time.time_ns(),
             )
         topic = self.settings.state_topic
         with self.profiler.profile_operation("send", "publish"):
