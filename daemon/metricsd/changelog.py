@@ -130,18 +130,20 @@ def _key(tag: str, run_id: str, stream: str, *index: int) -> bytes:
 
 
 def _pack(meta: dict[str, Any], values: FloatArray, ts: FloatArray) -> bytes:
-    """A JSON header, a NUL byte, then zlib of the values (channel-major) and the timestamps."""
-    raw = b"".join((
+    """A JSON header, a NUL byte, then the values (channel-major) and the timestamps as
+    little-endian float64. Not compressed: zlib saved 16% of the bytes of a tick's step times
+    (random mantissas) for 35 µs per record, 173 of the 200 ms a 1,000-row tick took."""
+    return b"".join((
+        orjson.dumps(meta), b"\0",
         np.ascontiguousarray(values, dtype="<f8").tobytes(),
         np.ascontiguousarray(ts, dtype="<f8").tobytes(),
     ))  # fmt: skip
-    return orjson.dumps(meta) + b"\0" + zlib.compress(raw, 1)
 
 
 def _unpack(data: bytes, channels: int) -> tuple[dict[str, Any], FloatArray, FloatArray]:
     split = data.index(b"\0")
     meta = orjson.loads(data[:split])
-    raw = np.frombuffer(zlib.decompress(data[split + 1 :]), dtype="<f8")
+    raw = np.frombuffer(data, dtype="<f8", offset=split + 1)
     n = raw.shape[0] // (channels + 1)
     if raw.shape[0] != n * (channels + 1):
         raise ValueError("values and timestamps do not match")
@@ -324,7 +326,8 @@ class Restorer:
             # later writer's checkpoint follows (it checkpoints its own position, not theirs).
             self.discarded += len(self._pending)
             self._pending.clear()
-            if self.fence_token is not None and orjson.loads(value).get("token") == self.fence_token:
+            token = orjson.loads(value).get("token")
+            if self.fence_token is not None and token == self.fence_token:
                 self.fenced = True
         else:
             self._corrupt += 1
