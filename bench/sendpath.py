@@ -6,8 +6,13 @@ Against the embedded Tansu broker, in one process, alternating the order per rep
   futures (what ``Outbox`` did before batching);
 - ``batch``: ``producer.create_batch()`` / ``append`` per partition, ``send_batch`` per batch,
   then one gather of the batch futures (partition chosen with the producer's own partitioner);
-- ``outbox``: ``metricsd.outbox.Outbox.send`` per record then ``settle()`` (the daemon's path).
+- ``outbox``: ``metricsd.outbox.Outbox.send`` per record, ``flush()``, then ``settle()`` (the
+  daemon's path);
+- ``old-outbox``: the same with the ``Outbox`` of another revision (``--old-outbox FILE``, e.g.
+  ``git show 9d0e3fe:daemon/metricsd/outbox.py > /tmp/old.py``: one ``send`` per record).
 
+The CPU figure is this process's CPU time (``time.process_time``) over send and acks together:
+what the daemon's thread spends (aiokafka's sender task runs in it too); the broker's is not in it.
 N records of ~600-byte values keyed by 10,000 run ids over 8 partitions, acks=all, the daemon's
 producer settings (``metricsd.kafka.producer``). Reports µs per record (wall time of the send
 part; the gather of acks separately) as median [min-max] over the repetitions.
@@ -95,7 +100,33 @@ async def _outbox(
     return t1 - t0, time.perf_counter() - t1
 
 
-WAYS = {"send": _per_record, "batch": _batched, "outbox": _outbox}
+def _load_outbox(path: str) -> Any:
+    """An ``Outbox`` class from another revision's ``outbox.py`` (``git show REV:path > file``)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("metricsd_outbox_other", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.Outbox
+
+
+async def _other_outbox(
+    producer: Any, topic: str, records: list[tuple[bytes, bytes]]
+) -> tuple[float, float]:
+    outbox = OTHER[0](producer)
+    t0 = time.perf_counter()
+    for key, value in records:
+        await outbox.send(topic, key, value)
+    t1 = time.perf_counter()
+    assert await outbox.settle()
+    return t1 - t0, time.perf_counter() - t1
+
+
+OTHER: list[Any] = []
+WAYS = {"send": _per_record, "batch": _batched, "outbox": _outbox, "old-outbox": _other_outbox}
 
 
 async def main(n: int, repeat: int, ways: list[str], bootstrap: str | None) -> None:
@@ -156,5 +187,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ways", default="send,batch,outbox")
     parser.add_argument("--bootstrap", default=None)
+    parser.add_argument("--old-outbox", default=None, help="outbox.py of another revision")
     args = parser.parse_args()
+    if args.old_outbox:
+        OTHER.append(_load_outbox(args.old_outbox))
     asyncio.run(main(args.records, args.repeat, args.ways.split(","), args.bootstrap))

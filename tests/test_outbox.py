@@ -546,3 +546,38 @@ def test_records_without_key_or_partition_go_alone_in_their_place() -> None:
         assert sorted(n for _, _, n in producer.submissions) == [1, 3]
 
     run(go())
+
+
+def test_a_flush_cancelled_midway_keeps_what_it_had_not_handed_over() -> None:
+    """Shutdown cancels a tick while it hands batches over: the batches not yet taken by the
+    producer go back to the queue, in order, so the next settle (the final tick) sends them."""
+
+    async def go() -> None:
+        producer = FakeProducer(partitions=1, max_batch_bytes=300)
+        gate = asyncio.Event()
+        submit = producer.send_batch
+
+        async def slow_send_batch(batch: FakeBatch, topic: str, *, partition: int) -> Any:
+            if producer.submissions:  # the second batch waits (a full accumulator)
+                await gate.wait()
+            return await submit(batch, topic, partition=partition)
+
+        producer.send_batch = slow_send_batch  # type: ignore[method-assign]
+        outbox = Outbox(producer)
+        values = [b"%02d" % i + b"x" * 60 for i in range(12)]
+        for v in values:
+            await outbox.send("t", None, v, 0)
+        flush = asyncio.ensure_future(outbox.flush())
+        await asyncio.sleep(0)
+        assert len(producer.submissions) == 1
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        first = producer.submissions[0][2]
+        assert outbox.pending == len(values)  # handed over (in flight) or queued again
+        gate.set()
+        assert await outbox.settle()
+        assert [v for _, _, v, _ in producer.accepted] == values
+        assert sum(n for _, _, n in producer.submissions) == len(values) and first < len(values)
+
+    run(go())

@@ -203,13 +203,22 @@ class Outbox:
             self._handing = len(queue)
             try:
                 if self._batching is None:
-                    for item in queue:
-                        await self._send(item)
+                    for i, item in enumerate(queue):
+                        try:
+                            await self._send(item)
+                        except BaseException:
+                            self._requeue(queue[i:])  # cancelled: not handed over, not lost
+                            raise
                         self._handing -= 1
                 else:
                     await self._hand_over(self._batching, queue)
             finally:
                 self._handing = 0
+
+    def _requeue(self, items: list[Send]) -> None:
+        """Put ``items`` (a flush cut short) back at the head of the queue, in their order."""
+        self._queue[:0] = items
+        self._queued_bytes += sum(len(item.key or b"") + len(item.value or b"") for item in items)
 
     async def settle(self) -> bool:
         """Hand over what is queued, await every record in flight. True if everything sent so far
@@ -250,9 +259,54 @@ class Outbox:
     async def _hand_over(self, producer: BatchProducer, queue: list[Send]) -> None:
         """Batch ``queue`` per (topic, partition), in its order, and submit the batches."""
         groups: dict[tuple[str, int | None], list[_Unit]] = {}
+        try:
+            unplaced = await self._group(producer, queue, groups)
+        except BaseException:
+            self._requeue(queue)  # cancelled while waiting for metadata: nothing handed over
+            raise
+        for items, error in unplaced.values():
+            self._fail_at_send(items, error)
+            self._handing -= len(items)
+        # Round robin over the partitions: a second batch of a partition waits until the first
+        # is drained, and meanwhile the other partitions' batches go.
+        done = dict.fromkeys(groups, 0)  # units handed over per group, in order
+        rounds = max((len(units) for units in groups.values()), default=0)
+        try:
+            for i in range(rounds):
+                for (topic, partition), units in groups.items():
+                    if i >= len(units):
+                        continue
+                    unit = units[i]
+                    if isinstance(unit, Send):
+                        await self._send(unit)
+                        self._handing -= 1
+                    else:
+                        assert partition is not None
+                        await self._send_batch(producer, topic, partition, *unit)
+                    done[topic, partition] = i + 1
+        except BaseException:
+            # Cancelled: what was not handed over goes back to the queue, in order per partition.
+            self._requeue(
+                [
+                    item
+                    for where, units in groups.items()
+                    for unit in units[done[where] :]
+                    for item in ((unit,) if isinstance(unit, Send) else unit[1])
+                ]
+            )
+            raise
+
+    async def _group(
+        self,
+        producer: BatchProducer,
+        queue: list[Send],
+        groups: dict[tuple[str, int | None], list[_Unit]],
+    ) -> dict[str, tuple[list[Send], BaseException]]:
+        """Fill ``groups`` (per topic and partition, in queue order: batches, and the records that
+        go alone); return the records of topics whose partitions cannot be known, with why."""
         open_batches: dict[tuple[str, int], tuple[Batch, list[Send]]] = {}
         known: dict[str, tuple[set[int], dict[bytes, int]] | BaseException] = {}
-        unplaced: dict[str, list[Send]] = {}  # records of topics whose partitions are unknown
+        unplaced: dict[str, tuple[list[Send], BaseException]] = {}
         for item in queue:
             partition = item.partition
             if partition is None and item.key is not None:
@@ -261,7 +315,7 @@ class Outbox:
                 if cache is None:
                     cache = known[topic] = await self._partitions_of(producer, topic)
                 if isinstance(cache, BaseException):
-                    unplaced.setdefault(topic, []).append(item)
+                    unplaced.setdefault(topic, ([], cache))[0].append(item)
                     continue
                 partition = cache[1].get(item.key)
                 if partition is None:
@@ -272,7 +326,8 @@ class Outbox:
                 # A random partition (producer.send chooses it), or a record refused before:
                 # alone, so that it cannot take a batch down with it again.
                 units.append(item)
-                open_batches.pop((item.topic, partition), None)  # type: ignore[arg-type]
+                if partition is not None:
+                    open_batches.pop((item.topic, partition), None)
                 continue
             tp = (item.topic, partition)
             current = open_batches.get(tp)
@@ -280,32 +335,12 @@ class Outbox:
                 current is None
                 or current[0].append(timestamp=None, key=item.key, value=item.value) is None
             ):
-                if current is not None:
-                    current[0].close()
                 batch = producer.create_batch()
                 batch.append(timestamp=None, key=item.key, value=item.value)
                 current = open_batches[tp] = (batch, [])
                 units.append(current)
             current[1].append(item)
-        for topic, items in unplaced.items():
-            error = known[topic]
-            assert isinstance(error, BaseException)
-            self._fail_at_send(items, error)
-            self._handing -= len(items)
-        # Round robin over the partitions: a second batch of a partition waits until the first
-        # is drained, and meanwhile the other partitions' batches go.
-        rounds = max((len(units) for units in groups.values()), default=0)
-        for i in range(rounds):
-            for (topic, partition), units in groups.items():
-                if i >= len(units):
-                    continue
-                unit = units[i]
-                if isinstance(unit, Send):
-                    await self._send(unit)
-                    self._handing -= 1
-                else:
-                    assert partition is not None
-                    await self._send_batch(producer, topic, partition, *unit)
+        return unplaced
 
     async def _send_batch(
         self, producer: BatchProducer, topic: str, partition: int, batch: Batch, items: list[Send]
