@@ -392,6 +392,7 @@ class Pipeline:
         with self.profiler.profile_operation("send", "publish"):
             await self.outbox.retry()
             await self._publish_summaries(taken.records)
+            await self.outbox.flush()  # in batches, while the changelog is encoded
         if taken.changes is not None:
             await self._write_state(positions, *taken.changes)
         with self.profiler.profile_operation("acks", "publish"):
