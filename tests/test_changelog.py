@@ -77,7 +77,7 @@ def test_rows_after_the_last_checkpoint_are_discarded() -> None:
 def test_tombstones_delete_rows_at_the_checkpoint() -> None:
     """A row deleted by tombstones in a completed tick is not restored."""
     records = [*encode_row(row("a")), *encode_row(row("b")), checkpoint_record(0, 5)]
-    records += [*tombstones("a", "prediction/val", Keys(head=True)), checkpoint_record(0, 9)]
+    records += [*tombstones("a", "prediction/val", Keys()), checkpoint_record(0, 9)]
     restorer = replay(records)
     assert [r.run_id for r in restorer.rows()] == ["b"]
     assert restorer.offset == 9

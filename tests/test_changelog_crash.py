@@ -282,7 +282,7 @@ def test_revoke_forgets_and_restored_adopts_the_bookkeeping() -> None:
     changelog.revoke([1])
     assert changelog.owned == {0}
     assert [p for p, _ in changelog.tick({0: 3, 1: 4}, [], [])] == [0]
-    keys = {0: {("r", "s"): Keys(head=True, blocks=2)}}
+    keys = {0: {("r", "s"): Keys(blocks=2)}}
     restored = Restored(rows=[], offsets={0: 3}, keys=keys, corrupt=0, records=0, bytes=0)
     fresh = Changelog()
     fresh.assign([0])

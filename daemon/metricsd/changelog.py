@@ -118,9 +118,9 @@ class RowState:
 
 @dataclass(slots=True)
 class Keys:
-    """The keys a row has in the changelog, so that its removal deletes all of them."""
+    """The keys a row has in the changelog besides its head, so that its removal deletes all of
+    them."""
 
-    head: bool = False
     blocks: int = 0  # block keys 0 .. blocks-1 may hold records
     v1: int = 0  # version 1 part keys 0 .. v1-1 may hold records
 
@@ -140,14 +140,24 @@ def _pack(meta: dict[str, Any], values: FloatArray, ts: FloatArray) -> bytes:
     ))  # fmt: skip
 
 
-def _unpack(data: bytes, channels: int) -> tuple[dict[str, Any], FloatArray, FloatArray]:
+def _unpack(
+    data: bytes, channels: int | None = None
+) -> tuple[dict[str, Any], FloatArray, FloatArray]:
+    """Header, values (channels, n) and timestamps of a record; ``channels`` from the header
+    when it has them (a head), else as given (a block: its head's)."""
     split = data.index(b"\0")
     meta = orjson.loads(data[:split])
+    channels = meta["channels"] if channels is None else channels
     raw = np.frombuffer(data, dtype="<f8", offset=split + 1)
     n = raw.shape[0] // (channels + 1)
     if raw.shape[0] != n * (channels + 1):
         raise ValueError("values and timestamps do not match")
     return meta, raw[: channels * n].reshape(channels, n), raw[channels * n :]
+
+
+def _slots(state: RowState) -> int:
+    """The block keys the row's write uses (``slots_for`` its window unless the state says)."""
+    return state.slots or slots_for(state.snapshot.window, state.chunk)
 
 
 def _encode(state: RowState) -> tuple[list[Record], int]:
@@ -156,7 +166,7 @@ def _encode(state: RowState) -> tuple[list[Record], int]:
     snap, chunk = state.snapshot, state.chunk
     total, held, window = snap.total, int(snap.ts.shape[0]), snap.window
     first, start = total - window, total - held
-    slots = state.slots or slots_for(window, chunk)
+    slots = _slots(state)
     tail = max(first, total - total % chunk)
     if start > tail or start > max(start - start % chunk, first):
         raise ValueError(
@@ -201,7 +211,7 @@ def encode_row(state: RowState) -> list[Record]:
 
 def tombstones(run_id: str, stream: str, keys: Keys | None = None) -> list[Record]:
     """Delete records for every key a row has (only its head when ``keys`` is None)."""
-    keys = keys or Keys(head=True)
+    keys = keys or Keys()
     return [
         (_key("head", run_id, stream), None),
         *((_key("block", run_id, stream, i), None) for i in range(keys.blocks)),
@@ -251,9 +261,8 @@ def _v1_row(parts: dict[int, bytes]) -> RowState:
 def _v2_row(head: bytes, blocks: dict[int, bytes]) -> RowState:
     """A version 2 row from its head and blocks; KeyError or ValueError if a value of the
     window is missing from them."""
-    split = head.index(b"\0")
-    channels = orjson.loads(head[:split])["channels"]
-    meta, tail_values, tail_ts = _unpack(head, channels)
+    meta, tail_values, tail_ts = _unpack(head)
+    channels = meta["channels"]
     chunk, slots, total, window = meta["chunk"], meta["slots"], meta["total"], meta["n"]
     first, tail = total - window, total - meta["tail"]
     if tail_ts.shape[0] != meta["tail"] or not 0 <= first <= tail <= total:
@@ -361,11 +370,7 @@ class Restorer:
         for row in {**self._heads, **self._blocks, **self._v1}:
             # Every key present, stale ones included, so later tombstones cover them all.
             blocks, v1 = self._blocks.get(row, {}), self._v1.get(row, {})
-            self.keys[row] = Keys(
-                head=row in self._heads,
-                blocks=max(blocks, default=-1) + 1,
-                v1=max(v1, default=-1) + 1,
-            )
+            self.keys[row] = Keys(blocks=max(blocks, default=-1) + 1, v1=max(v1, default=-1) + 1)
             head = self._heads.get(row)
             if head is None and not v1:
                 continue  # blocks left without their head: not a row
@@ -493,13 +498,13 @@ class Changelog:
             if keys is None:
                 keys = Keys()
                 out += self._delete_elsewhere(key, partition, touched)
-            slots = state.slots or slots_for(state.snapshot.window, state.chunk)
+            slots = _slots(state)
             # Keys this write leaves behind: version 1 parts, blocks of a larger slot count.
             gone = [
                 *((_key("block", *key, i), None) for i in range(slots, keys.blocks)),
                 *((_key("row", *key, i), None) for i in range(keys.v1)),
             ]
-            rows[key] = Keys(head=True, blocks=max(min(keys.blocks, slots), reached))
+            rows[key] = Keys(blocks=max(min(keys.blocks, slots), reached))
             out += [(partition, r) for r in (*records, *gone)]
             self.snapshots += 1
             touched.add(partition)
