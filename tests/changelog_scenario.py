@@ -10,6 +10,7 @@ from metricsd.config import MonitorSettings
 SETTINGS = MonitorSettings(window=12, time_windows=(), idle_timeout=0.0)
 PARTITIONS = (0, 1)
 TICK_EVERY = 7  # records per partition between ticks
+CHUNK = 4  # values per changelog chunk: windows of 12 span several, so blocks are written
 
 
 def input_log(seed: int = 0, records: int = 40) -> dict[int, list[bytes]]:

@@ -1,18 +1,20 @@
-"""Changelog records: a tick's rows survive a round trip; incomplete ticks, stale chunks don't."""
+"""Changelog records: a tick's rows survive a round trip; incomplete ticks, stale blocks don't;
+a tick writes the values that arrived, not the window."""
 
 from __future__ import annotations
 
 import numpy as np
 import orjson
-import pytest
-from metricsd import changelog as state_mod
 from metricsd.buffers import RowSnapshot
 from metricsd.changelog import (
+    Changelog,
+    Keys,
     Restorer,
     RowState,
     checkpoint_record,
     encode_row,
     fence_record,
+    slots_for,
     tombstones,
 )
 from metricsd.config import MonitorSettings
@@ -56,7 +58,7 @@ def same(a: RowState, b: RowState) -> bool:
 def test_rows_followed_by_a_checkpoint_restore_exactly() -> None:
     """A row snapshot and its checkpoint come back bit for bit, with the resume offset."""
     original = row()
-    restorer = replay([*encode_row(original, 1), checkpoint_record(0, 42)])
+    restorer = replay([*encode_row(original), checkpoint_record(0, 42)])
     (restored,) = list(restorer.rows())
     assert same(restored, original)
     assert restorer.offset == 42
@@ -66,7 +68,7 @@ def test_rows_followed_by_a_checkpoint_restore_exactly() -> None:
 def test_rows_after_the_last_checkpoint_are_discarded() -> None:
     """Records of a tick cut short by a crash (no checkpoint after them) keep the old version."""
     first, second = row(seq=1), row(seq=2, n=9)
-    restorer = replay([*encode_row(first, 1), checkpoint_record(0, 10), *encode_row(second, 2)])
+    restorer = replay([*encode_row(first), checkpoint_record(0, 10), *encode_row(second)])
     (restored,) = list(restorer.rows())
     assert same(restored, first)
     assert restorer.offset == 10
@@ -74,37 +76,83 @@ def test_rows_after_the_last_checkpoint_are_discarded() -> None:
 
 def test_tombstones_delete_rows_at_the_checkpoint() -> None:
     """A row deleted by tombstones in a completed tick is not restored."""
-    records = [*encode_row(row("a"), 1), *encode_row(row("b"), 1), checkpoint_record(0, 5)]
-    records += [*tombstones("a", "prediction/val", 1), checkpoint_record(0, 9)]
+    records = [*encode_row(row("a")), *encode_row(row("b")), checkpoint_record(0, 5)]
+    records += [*tombstones("a", "prediction/val", Keys()), checkpoint_record(0, 9)]
     restorer = replay(records)
     assert [r.run_id for r in restorer.rows()] == ["b"]
     assert restorer.offset == 9
 
 
-def test_large_windows_are_chunked_below_the_message_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A snapshot larger than a chunk is split, every record stays under the limit, and it
-    reassembles exactly; stale chunks of an older, longer generation are ignored."""
-    monkeypatch.setattr(state_mod, "CHUNK_BYTES", 1000)
-    big = row(n=2000)
-    records = encode_row(big, 7)
-    assert len(records) > 3
-    assert all(len(v or b"") < 1000 + 100 for _, v in records)
-    smaller = row(n=300, seq=9)
-    newer = encode_row(smaller, 8)
-    assert len(newer) < len(records)
-    restorer = replay([*records, checkpoint_record(0, 1), *newer, checkpoint_record(0, 2)])
-    (restored,) = list(restorer.rows())
-    assert same(restored, smaller)
-    assert restorer.chunk_counts[("r", "prediction/val")] == len(records)
-
-
-def test_a_window_of_1000_values_fits_one_small_record() -> None:
-    """A full 1,000-value batch_time window snapshots to one record of well under 1 MB."""
+def test_a_whole_window_is_a_head_and_blocks_that_reassemble_exactly() -> None:
+    """A 1,000-value window at total 5,000 (not a chunk multiple): one block per complete chunk
+    overlapping the window (the first one starting mid-chunk), then the head with the tail; every
+    record is small and the row comes back bit for bit."""
     snap = RowSnapshot(values=np.random.default_rng(0).lognormal(size=(1, 1000)),
-                       ts=1.764e9 + np.arange(1000.0), total=5000)  # fmt: skip
-    records = encode_row(RowState("r", "batch_time", "batch_time", None, 0, None, snap), 1)
-    assert len(records) == 1
-    assert len(records[0][1] or b"") < 20_000
+                       ts=1.764e9 + np.arange(1000.0), total=5003)  # fmt: skip
+    state = RowState("r", "batch_time", "batch_time", None, 0, None, snap, slots=slots_for(1000))
+    records = encode_row(state)
+    tags = [orjson.loads(k)[0] for k, _ in records]
+    # values 4003..5002: chunks 62 (from 4003) .. 77 complete, 78 holds the tail 4992..5002
+    assert tags == ["head"] + ["block"] * 16
+    assert max(len(v or b"") for _, v in records) < 1200
+    restorer = replay([*records, checkpoint_record(0, 1)])
+    (restored,) = list(restorer.rows())
+    assert same(restored, state) and restored.version == 2
+
+
+def test_a_tick_writes_the_new_values_not_the_window() -> None:
+    """Through a monitor: after the first (whole) write, a row with a full 10,000-value window
+    that got 10 more values writes one head of at most 64 + 10 values, and the same input over a
+    1,000-value window writes as many bytes; the restore of the log so far is exact."""
+    sizes = {}
+    for window in (1_000, 10_000):
+        monitor = Monitor(MonitorSettings(window=window, time_windows=()), track_changes=True)
+        changelog = Changelog()
+        changelog.assign([0])
+        log: list[tuple[bytes, bytes | None]] = []
+        for tick in range(30):
+            burst = [6_000, 6_000] if tick == 0 else [10]
+            events = [ev(type="batch_time", run_id="r", seconds=[0.5 + 1e-4 * i for i in
+                         range(n)], ts=1.0 + tick) for n in burst]  # fmt: skip
+            monitor.ingest(events, now=2.0 + tick, partition=0)
+            monitor.due(2.0 + tick)
+            placed = changelog.tick({0: tick + 1}, *monitor.state_changes())
+            log += [record for _, record in placed]
+            if tick == 29:
+                sizes[window] = sum(len(k) + len(v or b"") for _, (k, v) in placed)
+                assert orjson.loads(placed[0][1][0])[0] == "head"
+        (restored,) = list(replay(log).rows())
+        b = Monitor(MonitorSettings(window=window, time_windows=()), track_changes=True)
+        b.restore(restored, 0)
+        assert restored.snapshot.total == 12_290 and restored.snapshot.ts.shape == (window,)
+        for m in (monitor, b):
+            m.ingest([ev(type="batch_time", run_id="r", seconds=2.0, ts=40.0)], 40.0, 0)
+        assert b.due(41.0) == monitor.due(41.0)
+    print("bytes of the 30th tick", sizes)
+    assert sizes[10_000] <= 1.5 * sizes[1_000], sizes
+    assert sizes[10_000] < 3_000, sizes
+
+
+def test_stale_blocks_of_a_reused_key_or_a_missing_block_make_the_row_corrupt() -> None:
+    """A head whose block slot holds another chunk (lost write) is not restored as wrong data."""
+    snap = RowSnapshot(values=np.arange(200.0)[None, :], ts=np.arange(200.0), total=200)
+    state = RowState("r", "batch_time", "batch_time", None, 0, None, snap, slots=5)
+    head, *blocks = encode_row(state)
+    restorer = replay([head, *blocks[1:], checkpoint_record(0, 1)])  # chunk 0 never arrived
+    assert list(restorer.rows()) == [] and restorer.corrupt == 1
+    other = RowState(
+        "r",
+        "batch_time",
+        "batch_time",
+        None,
+        0,
+        None,
+        RowSnapshot(values=np.ones((1, 64)), ts=np.ones(64), total=64 * 6),
+        slots=5,
+    )
+    stale = encode_row(other)[1:]  # chunk 5 -> slot 0
+    restorer = replay([*blocks, *stale, head, checkpoint_record(0, 1)])
+    assert list(restorer.rows()) == [] and restorer.corrupt == 1
 
 
 def test_fence_and_garbage() -> None:
@@ -138,7 +186,7 @@ def test_monitor_state_round_trip_continues_windows_and_seq() -> None:
     a.due(100.0)
     changed, removed = a.state_changes()
     assert removed == [] and {p for p, _ in changed} == {3}
-    records = [rec for _, st in changed for rec in encode_row(st, 1)] + [checkpoint_record(3, 31)]
+    records = [rec for _, st in changed for rec in encode_row(st)] + [checkpoint_record(3, 31)]
     b = Monitor(settings, track_changes=True)
     for st in replay(records).rows():
         b.restore(st, 3)

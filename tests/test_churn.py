@@ -151,7 +151,7 @@ def test_restore_keeps_incarnation_and_seq() -> None:
     first.due(2.0)
     changelog = Changelog()
     changelog.assign([3])
-    placed = changelog.tick({3: 2}, *first.state_changes(), generation=1)
+    placed = changelog.tick({3: 2}, *first.state_changes())
     restore = Restore([3], "t")
     for _, (key, value) in [*placed, *restore.fences]:
         restore.feed(3, key, value)
@@ -235,7 +235,8 @@ def test_evictions_cost_one_statistics_pass_per_tick_not_one_per_run() -> None:
 
 
 class _Producer:
-    """Acknowledges every send at once; remembers the most records ever unacknowledged."""
+    """Acknowledges every send and batch at once; remembers the most records ever unacknowledged
+    (the outbox counts the records it is handing over as pending already)."""
 
     def __init__(self) -> None:
         self.outbox: Any = None
@@ -249,13 +250,40 @@ class _Producer:
         key: bytes | None = None,
         partition: Any = None,
     ) -> Any:
+        self.sent.append((topic, value))
+        return self._acked()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(8))
+
+    def create_batch(self) -> Any:
+        return _Batch()
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        self.sent += [(topic, value) for value in batch.values]
+        return self._acked()
+
+    def _acked(self) -> Any:
         import asyncio
 
-        self.sent.append((topic, value))
-        self.most_unacked = max(self.most_unacked, self.outbox.pending + 1)
+        self.most_unacked = max(self.most_unacked, self.outbox.pending)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
+
+
+class _Batch:
+    """A batch builder that never fills up (the outbox's batching is tested in test_outbox)."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes | None] = []
+
+    def append(self, *, timestamp: Any, key: bytes | None, value: bytes | None) -> Any:
+        self.values.append(value)
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 class _Consumer:
@@ -293,13 +321,10 @@ def _batch_times(runs: list[str]) -> list[Any]:
     """One batch_time record per entry of ``runs``, at offsets 0, 1, ... of partition 0."""
     from metricsd import kafka
 
+    values = [orjson.dumps({"type": "batch_time", "run_id": r, "seconds": 0.1}) for r in runs]
     return [
-        kafka.ConsumerRecord(
-            "in", 0, offset, 0, 0, run.encode(),
-            orjson.dumps({"type": "batch_time", "run_id": run, "seconds": 0.1}),
-            None, 4, 40, [],
-        )  # fmt: skip
-        for offset, run in enumerate(runs)
+        kafka.ConsumerRecord("in", 0, offset, 0, 0, run.encode(), value, None, 4, 40, [])
+        for offset, (run, value) in enumerate(zip(runs, values, strict=True))
     ]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from metricsd.changelog import RowState
+from metricsd.changelog import Changelog, Placed, Restore, RowState
 from metricsd.config import MonitorSettings
 from metricsd.events import Decoder, Event
 from metricsd.monitor import MAX_SPLITS, Monitor
@@ -62,6 +62,7 @@ def _state(item: tuple[int, RowState]) -> dict[str, Any]:
         "shape": list(snap.values.shape),
         "ts": np.ascontiguousarray(snap.ts, dtype=np.float64).tobytes().hex(),
         "total": snap.total,
+        "window": snap.window,
     }
 
 
@@ -186,21 +187,27 @@ def _task_change(run: str, now: float) -> list[Event]:
     ]
 
 
-def _apply_changes(store: dict[tuple[str, str], tuple[int, RowState]], changes: Any) -> None:
-    """What a changelog reader ends up with: latest state per row, tombstones remove."""
-    changed, removed = changes
-    for partition, state in changed:
-        store[(state.run_id, state.stream)] = (partition, state)
-    for _, run_id, stream in removed:
-        store.pop((run_id, stream), None)
+_PARTITIONS = range(-1, 4)  # -1: a row whose partition is unknown
+_CHUNK = 4  # values per changelog chunk: the 16-value windows are written in parts
+
+
+def _restore(log: list[Placed]) -> list[tuple[int, RowState]]:
+    """What a changelog reader rebuilds from every record written so far."""
+    restore = Restore(_PARTITIONS, "golden")
+    for p, (key, value) in [*log, *restore.fences]:
+        restore.feed(p, key, value)
+    result = restore.result()
+    assert result.corrupt == 0
+    return result.rows
 
 
 def _main_scenario() -> Iterator[bytes]:
     settings = MonitorSettings(window=16, time_windows=(5.0, 30.0), max_runs=8, idle_timeout=40.0)
     profiler = Profiler()
-    monitor = Monitor(settings, profiler, track_changes=True)
+    monitor = Monitor(settings, profiler, track_changes=True, chunk_values=_CHUNK)
     gen = _Generator(seed=20240601, runs=11)
-    store: dict[tuple[str, str], tuple[int, RowState]] = {}
+    changelog, log = Changelog(), []
+    changelog.assign(_PARTITIONS)
     restored: Monitor | None = None
     now = 1000.0
     for tick in range(26):
@@ -226,6 +233,7 @@ def _main_scenario() -> Iterator[bytes]:
             yield _line("release", monitor.release_partitions([1, 3], now))
             yield _line("release_counters", _counters(monitor))
             released = monitor.state_changes()
+            log += changelog.tick(dict.fromkeys(_PARTITIONS, tick + 1), *released)
             yield _line(
                 "release_changes",
                 [[_state(c) for c in released[0]], [list(r) for r in released[1]]],
@@ -237,15 +245,17 @@ def _main_scenario() -> Iterator[bytes]:
         yield _line(
             f"changes@{tick}", [[_state(c) for c in changes[0]], [list(r) for r in changes[1]]]
         )
-        _apply_changes(store, changes)
+        log += changelog.tick(dict.fromkeys(_PARTITIONS, tick + 1), *changes)
         yield _line(f"counters@{tick}", _counters(monitor))
         if restored is not None:
             yield _line(f"restored_due@{tick}", restored.due(now))
             yield _line(f"restored_counters@{tick}", _counters(restored))
         if tick == 11:
             # A new owner rebuilds every row from the changelog and then sees the same events.
-            restored = Monitor(settings, Profiler(enabled=False), track_changes=True)
-            for partition, state in store.values():
+            restored = Monitor(
+                settings, Profiler(enabled=False), track_changes=True, chunk_values=_CHUNK
+            )
+            for partition, state in _restore(log):
                 restored.restore(state, partition)
             restored_changes = restored.state_changes()
             yield _line(

@@ -50,6 +50,14 @@ class RowSnapshot:
     values: FloatArray  # (channels, n)
     ts: FloatArray  # (n,)
     total: int
+    # Values in the window when this holds only its newest ``n`` of them (``snapshot(since=)``);
+    # None: the snapshot is the whole window.
+    count: int | None = None
+
+    @property
+    def window(self) -> int:
+        """Values in the window (``n`` for a whole-window snapshot)."""
+        return int(self.ts.shape[0]) if self.count is None else self.count
 
 
 class RingBank:
@@ -198,17 +206,28 @@ class RingBank:
             return self._slots[:n].copy()
         return np.roll(self._slots, -int(self.head[row]))
 
-    def snapshot(self, row: int) -> RowSnapshot:
-        """The row's window as plain arrays in arrival order (oldest first)."""
+    def snapshot(self, row: int, since: int | None = None) -> RowSnapshot:
+        """The row's window as plain arrays in arrival order (oldest first); with ``since``,
+        only the values appended from that index on (0-based, counted over ``total``), the
+        window's size in ``count``."""
         order = self.row_order(row)
+        total, n = int(self.total[row]), int(order.shape[0])
+        if since is not None and since > total - n:
+            order = order[min(since - (total - n), n) :]
+            return RowSnapshot(
+                values=self.values[:, row, order], ts=self.ts[row, order], total=total, count=n
+            )
         return RowSnapshot(
             values=self.values[:, row, order].copy(),
             ts=self.ts[row, order].copy(),
-            total=int(self.total[row]),
+            total=total,
         )
 
     def restore(self, row: int, snap: RowSnapshot) -> None:
-        """Load a snapshot into an allocated row; the row ends as it was when snapshotted."""
+        """Load a whole-window snapshot into an allocated row; the row ends as it was when
+        snapshotted."""
+        if snap.count is not None and snap.count != snap.ts.shape[0]:
+            raise ValueError("restore needs a whole-window snapshot")
         self.count[row] = 0
         self.head[row] = 0
         self.append(row, snap.values, snap.ts)

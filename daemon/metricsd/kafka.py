@@ -16,7 +16,7 @@ import contextlib
 import math
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, NoReturn
 
 import structlog
@@ -38,6 +38,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
@@ -58,6 +59,7 @@ __all__ = [
     "connection_options",
     "consumer",
     "ensure_topics",
+    "key_partition",
     "max_message_bytes",
     "producer",
     "record_size",
@@ -100,6 +102,19 @@ def record_size(key: bytes | None, value: bytes | None) -> int:
     ``max.message.bytes``)."""
     size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
     return size
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
+def key_partition(key: bytes, partitions: Collection[int]) -> int:
+    """The partition the producer's ``send(topic, value, key=key)`` gives ``key`` (aiokafka's
+    default partitioner, murmur2 like the Java client) when the topic has ``partitions`` (the set
+    ``producer.partitions_for(topic)`` returns): the same list built from it the same way, so a
+    record sent in a batch lands where ``send`` would have put it. ``producer`` never sets
+    another partitioner."""
+    partition: int = _PARTITIONER(key, list(partitions), [])
+    return partition
 
 
 class KafkaAuthError(Exception):

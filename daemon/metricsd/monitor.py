@@ -74,7 +74,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from metricsd.changelog import RowState
+from metricsd.changelog import CHUNK_VALUES, RowState, rewrite_from, slots_for
 from metricsd.config import MonitorSettings
 from metricsd.events import BatchTime, Decoder, Event, InvalidEvent, RunEnd, Scalar
 from metricsd.profiler import Profiler
@@ -156,11 +156,14 @@ class Monitor:
         *,
         track_changes: bool = False,
         group: str = "",
+        chunk_values: int = CHUNK_VALUES,
     ) -> None:
         """``track_changes``: remember changed and removed rows for ``state_changes()`` (on when
-        the window state is backed by a changelog). ``group``: the consumer group, part of every
-        summary id and record."""
+        the window state is backed by a changelog; ``chunk_values``: its chunk size).
+        ``group``: the consumer group, part of every summary id and record."""
         self.settings = settings
+        self._chunk = chunk_values
+        self._slots = slots_for(settings.window, chunk_values)
         self.group = group
         self.track_changes = track_changes
         self.profiler = profiler if profiler is not None else Profiler(enabled=False)
@@ -465,8 +468,12 @@ class Monitor:
         self._ranks_used = self._ranks_used or kind is self._ranks
         self._rows[(run_id, stream)] = ref
         self._runs.setdefault(run_id, []).append(ref)
-        if partition >= 0:
+        if partition >= 0 and self._partition_of.setdefault(run_id, partition) != partition:
+            # The run's events now come from another partition (a producer not keyed by run
+            # id): its state moves to that changelog partition, so every row is written whole.
             self._partition_of[run_id] = partition
+            for other in self._runs[run_id]:
+                other.saved = 0
         return ref
 
     def _incarnation(self, first: int, partition: int) -> str:
@@ -668,7 +675,9 @@ class Monitor:
         """Rows changed since the previous call as ``(partition, RowState)``, and rows removed
         (ended, evicted) as ``(partition, run_id, stream)``; then starts a new change set.
 
-        A row removed and created again in between appears only as changed.
+        A row removed and created again in between appears only as changed. A changed row holds
+        only the values its changelog write needs (those since ``rewrite_from`` of its previous
+        state), so every result must be written, in order: one not written leaves a hole.
         """
         changed = [
             (self._partition_of.get(ref.run_id, -1), self._state_of(ref))
@@ -683,17 +692,25 @@ class Monitor:
         return changed, removed
 
     def _state_of(self, ref: Row) -> RowState:
+        """The row for the changelog: its values since the chunk that was incomplete when it
+        was last handed over (``rewrite_from``), all of them for a new row."""
+        snapshot = ref.kind.bank.snapshot(ref.row, rewrite_from(ref.saved, self._chunk))
+        ref.saved = snapshot.total
         return RowState(
             run_id=ref.run_id, stream=ref.stream, kind=ref.kind.name, task=ref.task,
-            seq=ref.seq, latest=ref.latest, snapshot=ref.kind.bank.snapshot(ref.row),
-            incarnation=ref.incarnation,
+            seq=ref.seq, latest=ref.latest, snapshot=snapshot, incarnation=ref.incarnation,
+            chunk=self._chunk, slots=self._slots,
         )  # fmt: skip
 
     def restore(self, state: RowState, partition: int) -> None:
-        """Rebuild a row from the changelog; it is neither dirty nor changed afterwards."""
+        """Rebuild a row from the changelog; it is neither dirty nor changed afterwards. Its
+        next write is whole unless the changelog holds it in this monitor's chunks and slots
+        (a version 1 row, or one written with another window or chunk size, is rewritten)."""
         kind = self._kind[state.kind]
         ref = self._row(state.run_id, state.stream, kind, partition, state.task)
         kind.bank.restore(ref.row, state.snapshot)
+        same = (state.version, state.chunk, state.slots) == (2, self._chunk, self._slots)
+        ref.saved = state.snapshot.total if same else 0
         ref.seq = state.seq
         ref.latest = state.latest
         ref.incarnation = state.incarnation or ""

@@ -392,6 +392,7 @@ class Pipeline:
         with self.profiler.profile_operation("send", "publish"):
             await self.outbox.retry()
             await self._publish_summaries(taken.records)
+            await self.outbox.flush()  # in batches, while the changelog is encoded
         if taken.changes is not None:
             await self._write_state(positions, *taken.changes)
         with self.profiler.profile_operation("acks", "publish"):
@@ -420,7 +421,6 @@ class Pipeline:
                 {tp.partition: offset for tp, offset in positions.items()},
                 changed,
                 removed,
-                generation=time.time_ns(),
             )
         topic = self.settings.state_topic
         with self.profiler.profile_operation("send", "publish"):

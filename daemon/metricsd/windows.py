@@ -88,6 +88,7 @@ class Row:
     # that created it (the Monitor's docstring says why). Part of every summary id.
     incarnation: str = ""
     group: str = ""  # the daemon's consumer group: part of every summary id
+    saved: int = 0  # the row's total when it was last handed to the changelog
 
 
 @dataclass(eq=False, slots=True)
