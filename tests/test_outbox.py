@@ -160,6 +160,31 @@ def test_failures_hold_the_commit_and_are_retried_in_order(where: str) -> None:
     run(go())
 
 
+def test_settling_one_topic_awaits_only_its_records_and_says_only_for_them() -> None:
+    """What the changelog's checkpoint waits for: its own topic's acks. A refused summary on
+    another topic neither delays that answer nor turns it False; the other topic's records stay
+    in flight for the full settle, which still says False for them."""
+
+    async def go() -> None:
+        producer = FakeProducer()
+        outbox = Outbox(producer)
+        producer.refuse_values[b"bad"] = kafka.KafkaError("refused for now")
+        await outbox.send("out", None, b"bad")
+        await outbox.send("state", b"k", b"row", 0)
+        assert await outbox.settle("state")
+        assert outbox.pending == 1 and outbox.failures == 0  # "out" not awaited yet
+        assert not await outbox.settle()
+        assert outbox.failures == 1
+        await outbox.send("state", b"k", b"row2", 0)
+        assert await outbox.settle("state"), "the failed summary is not the changelog's concern"
+        producer.fail_acks = kafka.KafkaError("broker away")
+        await outbox.send("state", b"k", b"row3", 0)
+        assert not await outbox.settle("state")
+        assert [v for t, _, v, _ in producer.accepted if t == "state"] == [b"row", b"row2"]
+
+    run(go())
+
+
 def test_a_record_that_can_never_be_written_is_dropped_not_retried_forever() -> None:
     async def go() -> None:
         producer = FakeProducer()

@@ -106,7 +106,8 @@ def test_consumption_goes_on_while_a_tick_waits_and_its_commit_covers_its_snapsh
         await p.consume(batch(0, 5))
         await p.start_tick()  # returns at once: the snapshot is taken
         await settle_loop()
-        assert totals(producer) == [5] and checkpoints(producer) == [5]
+        assert totals(producer) == [5]
+        assert checkpoints(producer) == [], "a checkpoint went out before its rows were acked"
         assert consumer.commits == []  # nothing acknowledged yet
         await p.consume(batch(5, 5))  # the loop consumes meanwhile
         assert p.counters.events == 10
@@ -114,11 +115,17 @@ def test_consumption_goes_on_while_a_tick_waits_and_its_commit_covers_its_snapsh
         await settle_loop()
         assert not second.done(), "a second tick started while the first waited for acks"
         assert totals(producer) == [5]
+        producer.ack_all()  # the summary and the rows: now the checkpoint
+        await settle_loop()
+        assert checkpoints(producer) == [5] and consumer.commits == [] and not second.done()
         producer.ack_all()
         await second  # the first tick committed, then the second took its snapshot
         assert consumer.commits == [5], "the commit covers the first snapshot, not what came after"
         await settle_loop()
-        assert totals(producer) == [5, 10] and checkpoints(producer) == [5, 10]
+        assert totals(producer) == [5, 10] and checkpoints(producer) == [5]
+        producer.ack_all()
+        await settle_loop()
+        assert checkpoints(producer) == [5, 10]
         producer.ack_all()
         await p.tick()  # the final tick waits for the second, then runs a whole one
         assert consumer.commits == [5, 10, 10]
@@ -137,14 +144,56 @@ def test_a_revoke_waits_for_the_commit_of_the_tick_in_flight() -> None:
         revoke = asyncio.ensure_future(p.revoke({TP}))
         await settle_loop()
         assert not revoke.done() and consumer.commits == []
-        producer.ack_all()
-        await settle_loop()
+        for _ in range(2):  # rows, then the checkpoint
+            producer.ack_all()
+            await settle_loop()
         assert consumer.commits == [4]  # the tick in flight first
-        producer.ack_all()  # then the revoke's own tick, with everything consumed since
+        while not revoke.done():  # then the revoke's own tick, with everything consumed since
+            producer.ack_all()
+            await settle_loop()
         await revoke
         assert consumer.commits == [4, 7]
         assert checkpoints(producer) == [4, 7]
         assert TP not in p.assigned
+
+    asyncio.run(go())
+
+
+def test_a_row_not_acknowledged_withholds_its_checkpoint_until_it_is_resent() -> None:
+    """A checkpoint vouches for the rows before it: while one of them waits for a retry, no
+    checkpoint may land, or a crash then would restore windows without that row's values."""
+
+    async def go() -> None:
+        p, producer, consumer = pipeline()
+        await p.consume(batch(0, 3))
+        await p.start_tick()
+        await settle_loop()
+        first_rows = [(t, k, v) for t, k, v in producer.sent if t == "g.state"]
+        assert first_rows and checkpoints(producer) == []
+        for (topic, _, _), future in zip(producer.sent, producer._futures, strict=True):
+            if topic == "g.state":
+                future.set_exception(kafka.KafkaError("not leader"))  # retriable
+            else:
+                future.set_result(None)
+        producer._futures.clear()
+        p.topics._next_check = float("inf")  # no broker to check topics against
+        await settle_loop()
+        assert checkpoints(producer) == [], "checkpoint written while its rows wait for a retry"
+        assert consumer.commits == [] and not p.settled
+        await p.consume(batch(3, 2))
+        tick = asyncio.ensure_future(p.start_tick())
+        while checkpoints(producer) == []:
+            producer.ack_all()
+            await settle_loop()
+        state = [(k, v) for t, k, v in producer.sent if t == "g.state"]
+        resent = state[len(first_rows) : 2 * len(first_rows)]
+        assert resent == [(k, v) for _, k, v in first_rows], "the failed rows go first"
+        assert state[-1][0].startswith(b'["checkpoint"') and checkpoints(producer) == [5]
+        while not p.settled:
+            producer.ack_all()
+            await settle_loop()
+        await tick
+        assert consumer.commits == [5]
 
     asyncio.run(go())
 

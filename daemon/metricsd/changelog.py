@@ -66,6 +66,7 @@ __all__ = [
     "fence_record",
     "rewrite_from",
     "slots_for",
+    "split_checkpoints",
     "tombstones",
 ]
 
@@ -78,6 +79,7 @@ _VERSION = 2
 
 Record = tuple[bytes, bytes | None]  # key, value (None = tombstone)
 Placed = tuple[int, Record]  # changelog partition, record
+_CHECKPOINT_KEY = b'["checkpoint",'
 RowKey = tuple[str, str]  # run_id, stream
 FloatArray = NDArray[np.float64]
 
@@ -221,6 +223,16 @@ def tombstones(run_id: str, stream: str, keys: Keys | None = None) -> list[Recor
 
 def checkpoint_record(partition: int, offset: int) -> Record:
     return orjson.dumps(["checkpoint", partition]), orjson.dumps({"offset": offset})
+
+
+def split_checkpoints(placed: Iterable[Placed]) -> tuple[list[Placed], list[Placed]]:
+    """A tick's records as (rows and tombstones, checkpoints): a checkpoint is written only once
+    the rows before it are acknowledged (docs/state.md)."""
+    rows: list[Placed] = []
+    checkpoints: list[Placed] = []
+    for item in placed:
+        (checkpoints if item[1][0].startswith(_CHECKPOINT_KEY) else rows).append(item)
+    return rows, checkpoints
 
 
 def fence_record(partition: int, token: str) -> Record:
@@ -440,6 +452,8 @@ class Changelog:
         # The last checkpoint this instance wrote or restored per partition, kept across revokes:
         # a later restore that finds none means the changelog was lost.
         self._known: dict[int, int] = {}
+        # What the last tick's checkpoints replaced, for :meth:`unwritten`.
+        self._replaced: dict[int, tuple[int | None, int | None]] = {}
         self.snapshots = 0  # row writes, for the stats
 
     @property
@@ -519,11 +533,26 @@ class Changelog:
                 out += self._delete_elsewhere(key, partition, touched)
                 out += [(partition, r) for r in tombstones(run_id, stream)]
             touched.add(partition)
+        self._replaced = {}
         for p, offset in positions.items():
             if p in self._keys and (p in touched or self._checkpointed.get(p) != offset):
                 out.append((p, checkpoint_record(p, offset)))
+                self._replaced[p] = (self._checkpointed.get(p), self._known.get(p))
                 self._checkpointed[p] = self._known[p] = offset
         return out
+
+    def unwritten(self, checkpoints: Iterable[Placed]) -> None:
+        """The last tick's ``checkpoints`` were not written (its row records were not all
+        acknowledged): forget them, so the next tick writes its own after the rows it resends."""
+        for p, _ in checkpoints:
+            if p not in self._replaced:
+                continue
+            checkpointed, known = self._replaced.pop(p)
+            for book, offset in ((self._checkpointed, checkpointed), (self._known, known)):
+                if offset is None:
+                    book.pop(p, None)
+                else:
+                    book[p] = offset
 
     def _delete_elsewhere(self, key: RowKey, partition: int, touched: set[int]) -> list[Placed]:
         """Tombstones for a row's keys in owned partitions other than ``partition``: its run's

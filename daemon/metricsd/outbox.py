@@ -220,11 +220,18 @@ class Outbox:
         self._queue[:0] = items
         self._queued_bytes += sum(len(item.key or b"") + len(item.value or b"") for item in items)
 
-    async def settle(self) -> bool:
+    async def settle(self, topic: str | None = None) -> bool:
         """Hand over what is queued, await every record in flight. True if everything sent so far
-        is acknowledged (or stepped over for good), so the offsets it covers may be committed."""
+        is acknowledged (or stepped over for good), so the offsets it covers may be committed.
+
+        With ``topic``, only that topic's records are awaited (the others stay in flight), and
+        True means none of that topic's records is unacknowledged."""
         await self.flush()
-        in_flight, self._in_flight = self._in_flight, []
+        if topic is None:
+            in_flight, self._in_flight = self._in_flight, []
+        else:
+            in_flight = [unit for unit in self._in_flight if unit[0][0].topic == topic]
+            self._in_flight = [unit for unit in self._in_flight if unit[0][0].topic != topic]
         taken = sum(len(items) for items, _ in in_flight)
         self._in_flight_records -= taken
         self._settling += taken
@@ -254,7 +261,7 @@ class Outbox:
                     )
         finally:
             self._settling -= taken
-        return not self._failed
+        return not any(topic in (None, item.topic) for item in self._failed)
 
     async def _hand_over(self, producer: BatchProducer, queue: list[Send]) -> None:
         """Batch ``queue`` per (topic, partition), in its order, and submit the batches."""

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from metricsd import kafka
-from metricsd.changelog import Changelog, Restore, Restored, RowState
+from metricsd.changelog import Changelog, Placed, Restore, Restored, RowState, split_checkpoints
 from metricsd.config import Settings
 from metricsd.events import Decoder, InvalidEvent
 from metricsd.logs import RateLimiter
@@ -394,7 +394,9 @@ class Pipeline:
             await self._publish_summaries(taken.records)
             await self.outbox.flush()  # in batches, while the changelog is encoded
         if taken.changes is not None:
-            await self._write_state(positions, *taken.changes)
+            checkpoints = await self._write_state(positions, *taken.changes)
+            if checkpoints:
+                await self._write_checkpoints(checkpoints)
         with self.profiler.profile_operation("acks", "publish"):
             acked = await self.outbox.settle()
         if not acked:
@@ -414,14 +416,34 @@ class Pipeline:
         positions: dict[kafka.TopicPartition, int],
         changed: list[tuple[int, RowState]],
         removed: list[tuple[int, str, str]],
-    ) -> None:
-        """Send the tick's changelog records, in the order the changelog gives (docs/state.md)."""
+    ) -> list[Placed]:
+        """Send the tick's row records and tombstones, in the order the changelog gives; return
+        its checkpoints, which wait for the rows' acknowledgements (docs/state.md)."""
         with self.profiler.profile_operation("snapshot", "state"):
-            placed = self.changelog.tick(
-                {tp.partition: offset for tp, offset in positions.items()},
-                changed,
-                removed,
+            rows, checkpoints = split_checkpoints(
+                self.changelog.tick(
+                    {tp.partition: offset for tp, offset in positions.items()},
+                    changed,
+                    removed,
+                )
             )
+        await self._send_state(rows)
+        return checkpoints
+
+    async def _write_checkpoints(self, checkpoints: list[Placed]) -> None:
+        """Send the checkpoints once every changelog record before them is acknowledged: a
+        checkpoint vouches for the rows before it, so none of them may still be in flight or
+        waiting for a retry (a refused record isolated from its batch lands later). If some are,
+        the tick writes none and the next tick's checkpoint follows their retry. The summaries
+        are not awaited here: a refused summary holds the commit, not the checkpoint."""
+        with self.profiler.profile_operation("acks", "publish"):
+            written = await self.outbox.settle(self.settings.state_topic)
+        if written:
+            await self._send_state(checkpoints)
+        else:
+            self.changelog.unwritten(checkpoints)
+
+    async def _send_state(self, placed: list[Placed]) -> None:
         topic = self.settings.state_topic
         with self.profiler.profile_operation("send", "publish"):
             for partition, (key, value) in placed:
