@@ -1,10 +1,10 @@
 """``metricsd report``: PNG figures and one self-contained HTML page for one run.
 
-Summaries come from the output topic (read from its start, without a consumer group, until it
-has been quiet for ``--idle`` seconds) or from a JSON-lines file that ``metricsd tail --json``
-saved (``--input``). They are de-duplicated on ``id`` (the last copy wins) by
-``metricsd.summaries``. What is drawn, each only when its stream has data (a missing stream is
-simply absent, never an empty axis):
+Summaries come from the output topic (read from its start, without a consumer group, up to the
+end it had when reading began, or until it has been quiet for ``--idle`` seconds) or from a
+JSON-lines file that ``metricsd tail --json`` saved (``--input``). They are de-duplicated on
+``id`` (the last copy wins) by ``metricsd.summaries``. What is drawn, each only when its stream
+has data (a missing stream is simply absent, never an empty axis):
 
 ===============================  ==========================================================
 file                             content
@@ -864,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle",
         type=float,
         default=3.0,
-        help="from Kafka: stop reading after this many seconds without a record [%(default)s]",
+        help="from Kafka: stop reading at the topic's end as it was at the start, or after this "
+        "many seconds without a record [%(default)s]",
     )
     add_connection_flags(parser)
     return parser
@@ -895,6 +896,7 @@ async def _read_topic(args: argparse.Namespace, summaries: Summaries) -> None:
         stop,
         from_beginning=True,
         idle=args.idle,
+        until_end=True,
         on_waiting=on_waiting,
     )
     if waiting[0]:

@@ -133,10 +133,15 @@ async def read_records(
     *,
     from_beginning: bool,
     idle: float | None = None,
+    until_end: bool = False,
     on_waiting: Callable[[str], None] | None = None,
 ) -> None:
     """Hand every record value of ``topic`` (all partitions, no group) to ``handle``, a batch at
-    a time, until ``stop`` is set or, with ``idle``, no record arrived for ``idle`` seconds.
+    a time, until ``stop`` is set or, with ``idle``, no record arrived for ``idle`` seconds, or,
+    with ``until_end``, every partition is read up to its end when reading began (a topic that
+    is still written to never goes quiet). Tansu reports an end offset up to one batch short
+    (the last batch's base offset + 1), but a fetch returns that batch whole, so reaching it
+    still reads every record written before the start.
 
     Waits for the topic to exist (``on_waiting`` is told why). Raises ``kafka.KafkaAuthError``
     for a refused login and ``kafka.KafkaConnectionError`` when no broker can be reached.
@@ -159,15 +164,19 @@ async def read_records(
                     if stop.is_set():
                         return
                 continue
-            consumer.assign([kafka.TopicPartition(topic, p) for p in sorted(partitions)])
+            assigned = [kafka.TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
             if from_beginning:
                 await consumer.seek_to_beginning()
             else:
                 await consumer.seek_to_end()
+            ends = await consumer.end_offsets(assigned) if until_end else {}
             if on_waiting is not None:
                 on_waiting("")
             last = loop.time()
             while not stop.is_set():
+                if ends and all([await consumer.position(tp) >= ends[tp] for tp in assigned]):
+                    return
                 batch = await consumer.getmany(timeout_ms=250, max_records=5000)
                 values = [r.value for records in batch.values() for r in records]
                 if values:

@@ -264,36 +264,39 @@ def test_json_prints_each_summary_once_even_when_published_twice(
 def test_report_reads_the_run_from_the_topic(
     broker: DevBroker, daemon: tuple[str, str], tmp_path: Path
 ) -> None:
-    """Without --input, report reads the topic from its start until it goes quiet and draws the
-    run's batch-time figures (and nothing for the streams it does not have)."""
+    """Without --input, report reads the topic from its start up to the end it had then, while
+    the topic stays busy (a daemon still publishing), and draws the run's batch-time figures (and
+    nothing for the streams it does not have)."""
     source, out = daemon
     produce_foreign(broker.bootstrap, source, batch_times("rep-a", 60) + batch_times("rep-b", 10))
-    read_topic_foreign(
+    published = read_topic_foreign(
         broker.bootstrap, out, range(PARTITIONS), until=totals_reached({"rep-a": 60, "rep-b": 10})
     )
+    # Copies of one published summary every 50 ms while the report reads: the topic never goes
+    # quiet for --idle (30 s). Before, the report waited for that, so it never returned while a
+    # daemon was publishing (seen against `metricsd dev`: 13 minutes, until dev stopped).
+    key, value, partition, _ = published[-1]
+    stop = threading.Event()
+
+    def keep_publishing() -> None:
+        while not stop.wait(0.05):
+            produce_foreign(broker.bootstrap, out, [(key, value or b"", partition)])
+
+    writer = threading.Thread(target=keep_publishing, daemon=True)
+    writer.start()
     target = tmp_path / "report"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "metricsd.report",
-            "--run",
-            "rep-a",
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--topic",
-            out,
-            "--out",
-            str(target),
-            "--idle",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_clean_env(),
-        check=False,
-    )
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "metricsd.report", "--run", "rep-a",
+             "--bootstrap-servers", broker.bootstrap, "--topic", out, "--out", str(target),
+             "--idle", "30"],
+            capture_output=True, text=True, timeout=120, env=_clean_env(), check=False,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        writer.join(30)
+    assert time.monotonic() - started < 25, "the report waited for a busy topic to go quiet"
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in target.iterdir()) == [
         "index.html",
