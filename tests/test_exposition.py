@@ -288,6 +288,11 @@ def test_health_series_have_the_daemons_figures() -> None:
         (Health(started=True, assigned=2, fetched=False), "no fetch"),
         (Health(started=True, assigned=2, fetched=True, last_tick_ok=False), "last tick"),
         (Health(started=True, assigned=2, fetched=True), None),
+        (
+            Health(started=True, assigned=2, fetched=True, tick_waiting=11, tick_patience=10),
+            "tick in flight",
+        ),
+        (Health(started=True, assigned=2, fetched=True, tick_waiting=9, tick_patience=10), None),
         (Health(started=True, assigned=2, fetched=True, stopping=True), "stopping"),
     ],
 )

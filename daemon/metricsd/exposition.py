@@ -87,13 +87,19 @@ class Health:
     assigned: int = 0
     fetched: bool = False  # every assigned partition has returned a fetch since its assignment
     last_tick_ok: bool = True
+    # Seconds the tick in flight has been waiting for its acks and commit, and how long is too
+    # long: aiokafka waits for a vanished broker's coordinator without end, so a hung tick never
+    # reports a failure of its own.
+    tick_waiting: float = 0.0
+    tick_patience: float = math.inf
     stopping: bool = False  # a signal arrived: the final tick and shutdown are under way
 
 
 def not_ready(h: Health) -> str | None:
     """Why the daemon is not ready (one line), or None when it is: it must own partitions, have
     their state restored, have fetched from each since the assignment, and its last tick must
-    have published and committed everything (else the broker is unreachable or refusing); a
+    have published and committed everything, with the one in flight not waiting for longer than
+    its patience (else the broker is unreachable or refusing); a
     daemon that is shutting down is not ready (so that a load balancer stops sending to it)."""
     if h.stopping:
         return "stopping"
@@ -105,6 +111,11 @@ def not_ready(h: Health) -> str | None:
         return "no partitions assigned (joining the consumer group)"
     if not h.last_tick_ok:
         return "the last tick could not publish or commit (broker unreachable?)"
+    if h.tick_waiting > h.tick_patience:
+        return (
+            f"the tick in flight could not publish or commit for {h.tick_waiting:.0f} s "
+            "(broker unreachable?)"
+        )
     if not h.fetched:
         return "no fetch returned since the assignment"
     return None

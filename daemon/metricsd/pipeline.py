@@ -120,6 +120,7 @@ class Pipeline:
         self.assigned: set[kafka.TopicPartition] = set()
         self.last_tick_ms = 0.0
         self.settled = True  # the last tick's records were all acknowledged and committed
+        self._waiting_since = 0.0  # perf_counter when the tick in flight began sending
         self.fatal: BaseException | None = None  # a failed restore: the loop stops on it
         self._warnings = RateLimiter(period=10.0)
         self._consumed: dict[kafka.TopicPartition, int] = {}
@@ -358,6 +359,11 @@ class Pipeline:
             raise
         self._completion = asyncio.ensure_future(self._complete_and_release(taken, started))
 
+    @property
+    def tick_waiting(self) -> float:
+        """Seconds the tick in flight has been publishing and committing (0 when none is)."""
+        return time.perf_counter() - self._waiting_since if self._waiting_since else 0.0
+
     async def _complete_and_release(self, taken: _Taken, started: float) -> None:
         try:
             await self._complete(taken, started)
@@ -388,6 +394,13 @@ class Pipeline:
 
     async def _complete(self, taken: _Taken, started: float) -> None:
         """Send what ``_take`` took, await every acknowledgement, then commit its positions."""
+        self._waiting_since = time.perf_counter()
+        try:
+            await self._send_and_commit(taken, started)
+        finally:
+            self._waiting_since = 0.0
+
+    async def _send_and_commit(self, taken: _Taken, started: float) -> None:
         positions = taken.positions
         with self.profiler.profile_operation("send", "publish"):
             await self.outbox.retry()

@@ -326,6 +326,8 @@ class Service:
             assigned=len(p.assigned),
             fetched=fetched,
             last_tick_ok=p.settled,
+            tick_waiting=p.tick_waiting,
+            tick_patience=max(10.0, 3 * self.settings.interval),
             stopping=self._stop is not None and self._stop.is_set(),
         )
 

@@ -292,3 +292,23 @@ def phases(seen: list[tuple[int, str]]) -> list[int]:
         for status, body in seen
         if status == 503 and not body.startswith(("the last tick", "stopping"))
     ]
+
+
+def test_readiness_goes_503_when_the_broker_vanishes(tmp_path: Path) -> None:
+    """A ready daemon whose broker is killed turns /readyz 503 within a few ticks, saying why,
+    while /livez stays 200 (its own broker: the session's is shared)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with DevBroker(log_path=tmp_path / "tansu.log").start() as broker:
+        topic = "vanishing"
+        daemon = daemon_on(broker.bootstrap, topic, tmp_path / "daemon.log", "--http-port",
+                           str(port), "--http-host", "127.0.0.1", "--interval", "0.5")  # fmt: skip
+        with daemon:
+            produce_foreign(broker.bootstrap, topic, [bt("r", i) for i in range(5)])
+            wait_until(lambda: get(f"{base}/readyz")[0] == 200, 60, "/readyz 200")
+            broker.kill()
+            _, why = wait_until(
+                lambda: (r := get(f"{base}/readyz"))[0] == 503 and r, 30, "/readyz 503"
+            )
+            assert "could not publish or commit" in why, why
+            assert get(f"{base}/livez") == (200, "ok\n")
