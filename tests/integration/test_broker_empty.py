@@ -64,3 +64,37 @@ def test_a_broker_that_comes_back_empty(tmp_path: Path) -> None:
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_sigterm_while_the_broker_is_back_empty_is_honoured(tmp_path: Path) -> None:
+    """SIGTERM in the window where the broker has come back empty and nothing is re-created yet
+    (the issue: not honoured within 60 s): the daemon exits within its shutdown steps' bound,
+    saying it could not flush (exit 1), with no traceback."""
+    port = free_port()
+    first = DevBroker(port, log_path=tmp_path / "tansu-1.log")
+    first.start()
+    second: DevBroker | None = None
+    args = ["--bootstrap-servers", first.bootstrap, "--input-topic", "in", "--output-topic", "out",
+            "--group-id", "g", "--interval", "1", "--stats-interval", "0.5",
+            "--shutdown-timeout", "5"]  # fmt: skip
+    try:
+        create_topics(first.bootstrap, {"in": 1})
+        with DaemonProcess(args, tmp_path / "daemon.log") as daemon:
+            daemon.wait_for_log(lambda ln: ln.get("event") == "partitions_assigned", 60)
+            produce_foreign(first.bootstrap, "in", _records("before", 20))
+            daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["commits"] >= 2, 60)
+            first.stop()
+            second = DevBroker(port, log_path=tmp_path / "tansu-2.log")
+            second.start()
+            time.sleep(2.0)  # the daemon is meeting the empty broker now
+            started = time.monotonic()
+            code = daemon.terminate(timeout=60)
+            took = time.monotonic() - started
+        text = (tmp_path / "daemon.log").read_text()
+        assert took < 30, f"SIGTERM took {took:.1f} s"
+        assert code in (0, 1) and "Traceback" not in text
+        assert '"event":"stopped"' in text.replace(" ", "")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
