@@ -111,7 +111,7 @@ def test_every_call_sends_records_that_validate_and_the_daemon_accepts() -> None
     em.attention([0.5, 0.5])
     em.features(np.eye(3, dtype=np.float32))
     em.features([1, -2, 3])
-    assert em.close("failed") is True
+    assert em.close("failed", run_end=True) is True  # rank 3 would leave run_end to rank 0
     docs = [valid(k, v) for k, v in sender.records]
     assert {d["type"] for d in docs} == set(VALIDATORS)
     assert all(d["rank"] == 3 for d in docs)
@@ -463,6 +463,23 @@ def test_bad_input_raises_at_the_call_and_queues_nothing(call: Any, error: Any, 
     assert em.stats()["enqueued"] == 0
     em.close()
     assert [d["type"] for d in sender.docs()] == ["run_end"]
+
+
+@pytest.mark.parametrize(
+    ("rank", "run_end", "sent"),
+    [(None, None, True), (0, None, True), (1, None, False), (7, True, True), (0, False, False)],
+)
+def test_only_rank_0_ends_a_distributed_run_unless_told(
+    rank: int | None, run_end: bool | None, sent: bool
+) -> None:
+    """The daemon ends a run on its first run_end: a rank closing early must not end it for the
+    ranks still training, so only rank 0 (or an emitter without rank) sends it by default."""
+    sender = FakeSender()
+    em = make(sender, rank=rank)
+    em.batch_time(0.1)
+    assert em.close(run_end=run_end)
+    types = [d["type"] for d in sender.docs()]
+    assert types[0] == "batch_time" and ("run_end" in types) is sent
 
 
 def test_a_non_finite_scalar_is_sent_as_null_and_reaches_the_daemon_as_nan() -> None:

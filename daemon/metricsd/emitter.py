@@ -46,9 +46,12 @@ is incomplete. It does not go through the queue and is not counted in ``enqueued
 
 Lifecycle: ``flush(timeout)`` waits until everything queued before it is delivered (or failed);
 ``close(status="completed", timeout)`` sends ``run_end`` (with ``status``), flushes and stops the
-thread; both return whether everything was delivered in time. ``with Emitter(...) as em:`` closes
-on exit (status ``"failed"`` when an exception escapes). An ``atexit`` hook flushes every emitter
-that was not closed, at most ``atexit_timeout`` seconds each, and sends no ``run_end`` (the
+thread; both return whether everything was delivered in time. In a distributed run only rank 0 (or
+an emitter with no rank) sends ``run_end`` by default: the daemon ends the whole run on the first
+``run_end``, so a rank that closed early would otherwise end it for the ranks still training; the
+others only flush and stop (``close(run_end=True)`` sends it anyway). ``with Emitter(...) as em:``
+closes on exit (status ``"failed"`` when an exception escapes). An ``atexit`` hook flushes every
+emitter that was not closed, at most ``atexit_timeout`` seconds each, and sends no ``run_end`` (the
 interpreter cannot tell a finished run from a crashed one). After a ``fork`` (DataLoader workers,
 ``multiprocessing``), the child's copy of an emitter is disabled: its calls do nothing (counted in
 ``stats()["ignored"]``), it has no thread, ``flush``/``close`` return at once; create a new
@@ -68,10 +71,9 @@ Logging goes to the stdlib logger ``metricsd.emitter`` (not structlog: a library
 process must stay silent unless the user configured logging): one warning when the broker cannot be
 reached (and one when it can again), one per batch with delivery errors.
 
-Cost (``python -m bench.emitter``, this 2-core machine, medians of 3 runs): a ``scalar`` call
-takes 0.8 µs on the caller's thread (p99 3 µs), ``batch_time`` 0.7 µs, ``predictions`` of 1,000
-binary pairs 18 µs (validation and the one copy); a 1 ms step that emits ``batch_time`` + 3 scalars
-is 1.4% slower with the broker up, 1.2% with it down (the background thread's share of the GIL).
+Cost: measured by ``python -m bench --only emitter`` (README, "Performance"): a ``scalar`` call
+takes well under 1 µs on the caller's thread, ``predictions`` of 1,000 binary pairs under 10 µs
+(validation and the one copy); the background thread's share of the GIL is what a step pays.
 """
 
 from __future__ import annotations
@@ -761,7 +763,7 @@ class _Base:
         self._worker.wake()
         return self._queue.wait_settled(target, timeout)
 
-    def _close(self, status: str, timeout: float) -> bool:
+    def _close(self, status: str, timeout: float, run_end: bool | None = None) -> bool:
         if type(status) is not str or not status:
             raise ValueError(f"status must be a non-empty string, got {status!r}")
         if self._closed or not self._active():
@@ -769,7 +771,8 @@ class _Base:
             return self._queue.settled >= self._queue.accepted
         assert self._worker is not None
         deadline = time.monotonic() + timeout
-        self._queue.put(("run_end", None, status, None, _now()))
+        if run_end if run_end is not None else self.rank in (None, 0):
+            self._queue.put(("run_end", None, status, None, _now()))
         ok = self._flush(timeout)
         self._closed = True
         self._queue.close()
@@ -802,9 +805,12 @@ class Emitter(_Base):
         """Wait (at most ``timeout`` s) until everything queued so far is delivered or failed."""
         return self._flush(timeout)
 
-    def close(self, status: str = "completed", timeout: float = 10.0) -> bool:
-        """Send ``run_end`` with ``status``, flush, stop the thread; idempotent."""
-        return self._close(status, timeout)
+    def close(
+        self, status: str = "completed", timeout: float = 10.0, *, run_end: bool | None = None
+    ) -> bool:
+        """Send ``run_end`` with ``status``, flush, stop the thread; idempotent. ``run_end``
+        None: sent only by rank 0 or an emitter without a rank (see the module docstring)."""
+        return self._close(status, timeout, run_end)
 
     def __enter__(self) -> Emitter:
         return self
@@ -827,8 +833,10 @@ class AsyncEmitter(_Base):
     async def flush(self, timeout: float | None = 10.0) -> bool:
         return await self._off_loop(lambda: self._flush(timeout))
 
-    async def close(self, status: str = "completed", timeout: float = 10.0) -> bool:
-        return await self._off_loop(lambda: self._close(status, timeout))
+    async def close(
+        self, status: str = "completed", timeout: float = 10.0, *, run_end: bool | None = None
+    ) -> bool:
+        return await self._off_loop(lambda: self._close(status, timeout, run_end))
 
     @staticmethod
     def _off_loop(fn: Callable[[], bool]) -> Awaitable[bool]:

@@ -87,7 +87,7 @@ class Base:
             em.flush(self.close_timeout)
 
     def _numbers(self, values: Mapping[str, Any], *, prefix: str = "") -> dict[str, float]:
-        """The finite numeric entries of ``values`` as floats (one-element tensors/arrays too);
+        """The numeric entries of ``values`` as floats (one-element tensors/arrays too);
         strings, booleans, None and larger arrays are left out. NaN/infinity are sent (as null;
         a diverged loss is what the summaries must show, as ``non_finite``) and counted here."""
         out: dict[str, float] = {}

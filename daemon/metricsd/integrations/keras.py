@@ -9,7 +9,8 @@ imported (``KERAS_BACKEND``; this callback is tested with ``torch``, no TensorFl
 - ``scalar``: the numeric entries of the batch ``logs`` (``loss`` and the compiled metrics: Keras
   reports their running mean over the epoch so far), named as logged, ``step`` = the number of
   batches done, after every ``log_every_n_steps``-th batch; at each epoch end the epoch's logs
-  (``val_*`` included) as ``epoch/<name>``. Non-numeric and non-finite values are left out.
+  (``val_*`` included) as ``epoch/<name>``. Non-numeric values are left out; non-finite ones
+  are sent (as null, counted as ``non_finite``).
 - ``run_end``: ``status="completed"`` on ``on_train_end``. Keras has no hook for an exception: use
   ``with emitter: model.fit(...)`` for ``"failed"``.
 
