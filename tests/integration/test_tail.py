@@ -202,6 +202,35 @@ def test_live_table_shows_the_runs_updates_in_place_and_ctrl_c_exits_0(
         screen.close()
 
 
+def test_live_table_with_the_simulator_running_shows_every_stream_kind(
+    broker: DevBroker, daemon: tuple[str, str], tmux: str, tmp_path: Path
+) -> None:
+    """As a person would run it: the simulator feeding the daemon, tail in a terminal. Rows of
+    every stream kind the simulator sends appear with their figures, and Ctrl-C exits 0."""
+    source, out = daemon
+    log = (tmp_path / "simulate.log").open("wb")
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "metricsd.cli", "simulate", "--bootstrap-servers", broker.bootstrap,
+         "--input-topic", source, "--partitions", str(PARTITIONS), "--runs", "3", "--rate", "150",
+         "--duration", "90", "--seed", "7"],
+        stdout=log, stderr=log, env=_clean_env(), start_new_session=True,
+    )  # fmt: skip
+    screen = Screen(tmux, tail_command(broker, out, "--from-beginning"))
+    kinds = ("batch_time", "prediction/", "scalar/loss", "cv", "attention", "features", "ranks")
+    try:
+        full = screen.wait_for(lambda s: all(k in s for k in kinds), timeout=60)
+        assert "p50" in full and "steps/s" in full and "live" in full
+        screen.keys("C-c")
+        final = screen.wait_for(lambda s: "TAIL_EXIT=" in s, timeout=30)
+        assert "TAIL_EXIT=0" in final, final
+        assert "Traceback" not in final and "KeyboardInterrupt" not in final
+    finally:
+        screen.close()
+        os.killpg(simulator.pid, signal.SIGKILL)
+        simulator.wait(10)
+        log.close()
+
+
 def test_json_prints_each_summary_once_even_when_published_twice(
     broker: DevBroker, daemon: tuple[str, str]
 ) -> None:
