@@ -52,11 +52,12 @@ def tmux() -> str:
 class Screen:
     """A detached tmux session (own server socket) running one command, 160 x 40."""
 
-    def __init__(self, tmux: str, command: list[str]) -> None:
+    def __init__(self, tmux: str, command: list[str], size: tuple[int, int] = (160, 40)) -> None:
         self.tmux = tmux
         self.socket = f"metricsd-test-{uuid.uuid4().hex[:8]}"
         shell = f"{shlex.join(command)}; echo TAIL_EXIT=$?; sleep 600"
-        self._run("new-session", "-d", "-s", "tail", "-x", "160", "-y", "40", shell)
+        width, height = (str(n) for n in size)
+        self._run("new-session", "-d", "-s", "tail", "-x", width, "-y", height, shell)
 
     def _run(self, *args: str) -> str:
         done = subprocess.run(
@@ -215,7 +216,10 @@ def test_live_table_with_the_simulator_running_shows_every_stream_kind(
          "--duration", "90", "--seed", "7"],
         stdout=log, stderr=log, env=_clean_env(), start_new_session=True,
     )  # fmt: skip
-    screen = Screen(tmux, tail_command(broker, out, "--from-beginning"))
+    # One run (the simulator's first, distributed, sends every kind) on a tall terminal: its
+    # rows wrap their key figures one per line, and rich cuts a table taller than the screen.
+    screen = Screen(tmux, tail_command(broker, out, "--from-beginning", "--run", "run-7-0"),
+                    size=(200, 200))  # fmt: skip
     kinds = ("batch_time", "prediction/", "scalar/loss", "cv", "attention", "features", "ranks")
     try:
         full = screen.wait_for(lambda s: all(k in s for k in kinds), timeout=60)
