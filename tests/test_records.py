@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from metricsd.records import (
     dead_letter,
     dead_letter_caps,
     dead_letter_key,
+    dumps,
     encode,
     fit_summary,
     profile_record,
@@ -80,6 +82,22 @@ def test_encode_never_emits_nan(record: dict[str, Any]) -> None:
     """encode turns every NaN/inf (float, numpy scalar or array item) into null, nothing else."""
     out = encode(record)
     assert orjson.loads(out) == _plain(record)  # orjson.loads rejects NaN/Infinity
+
+
+def test_encoded_bytes_that_are_kept_occupy_their_length_not_orjsons_buffer() -> None:
+    """What the outbox holds until acked: 1,000 encoded summaries of ~300 bytes must occupy about
+    that, not orjson's 4 KiB working buffer each (orjson >= 3.12 returns it untrimmed)."""
+    record = {"type": "summary", "id": "g|r|batch_time|0:1|count:1000|7", "metrics": {"mean": 0.5}}
+    assert dumps(record) == orjson.dumps(record) and encode(record) == orjson.dumps(record)
+    for make in (dumps, encode):
+        tracemalloc.start()
+        try:
+            kept = [make({**record, "seq": i}) for i in range(1000)]
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert held < 1000 * 1024, f"{make.__name__}: {held / 1000:.0f} bytes per record kept"
+        assert len(kept) == 1000
 
 
 def test_encode_float32_nan_is_null() -> None:

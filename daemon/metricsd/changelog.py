@@ -51,6 +51,7 @@ import orjson
 from numpy.typing import NDArray
 
 from metricsd.buffers import RowSnapshot
+from metricsd.records import dumps
 
 __all__ = [
     "CHUNK_VALUES",
@@ -128,7 +129,7 @@ class Keys:
 
 
 def _key(tag: str, run_id: str, stream: str, *index: int) -> bytes:
-    return orjson.dumps([tag, run_id, stream, *index])
+    return dumps([tag, run_id, stream, *index])
 
 
 def _pack(meta: dict[str, Any], values: FloatArray, ts: FloatArray) -> bytes:
@@ -222,7 +223,7 @@ def tombstones(run_id: str, stream: str, keys: Keys | None = None) -> list[Recor
 
 
 def checkpoint_record(partition: int, offset: int) -> Record:
-    return orjson.dumps(["checkpoint", partition]), orjson.dumps({"offset": offset})
+    return dumps(["checkpoint", partition]), dumps({"offset": offset})
 
 
 def split_checkpoints(placed: Iterable[Placed]) -> tuple[list[Placed], list[Placed]]:
@@ -237,7 +238,7 @@ def split_checkpoints(placed: Iterable[Placed]) -> tuple[list[Placed], list[Plac
 
 def fence_record(partition: int, token: str) -> Record:
     """The marker a restoring instance writes and then reads up to (the end of the partition)."""
-    return orjson.dumps(["fence", partition]), orjson.dumps({"token": token})
+    return dumps(["fence", partition]), dumps({"token": token})
 
 
 def _decode_v1(chunks: list[bytes]) -> RowState:
