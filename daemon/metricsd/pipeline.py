@@ -305,7 +305,13 @@ class Pipeline:
         each made to fit the topic's limit (``records.fit_summary``)."""
         output = self.settings.output_topic
         limit = self.outbox.limits.of(output)
-        for record in records:
+        self.on_summaries(records)
+        self.counters.summaries += len(records)
+        # Each dict is let go once encoded (the list is the tick's only reference): at 10,000
+        # runs a tick's 30,000 dicts are ~50 MiB, and their memory then holds the encoded bytes
+        # instead of adding to them.
+        for i, record in enumerate(records):
+            records[i] = None  # type: ignore[call-overload]
             key = record["run_id"].encode()
             # What the value may take: the limit less the batch and record overhead with this
             # key, and 5 bytes for the value's length prefix.
@@ -314,8 +320,6 @@ class Pipeline:
             if form is not None:
                 self._reduced(record, form, len(value), room)
             await self.outbox.send(output, key, value, ident=record["id"])
-        self.counters.summaries += len(records)
-        self.on_summaries(records)
 
     def _reduced(self, record: dict[str, Any], form: str, size: int, room: int) -> None:
         self.counters.reduced[form] += 1
