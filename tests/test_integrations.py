@@ -339,7 +339,11 @@ class TokenData:
         }
 
 
-def hf_trainer(transformers: Any, tmp_path: Any, callbacks: list[Any], **kwargs: Any) -> Any:
+def hf_trainer(
+    transformers: Any, tmp_path: Any, callbacks: list[Any], *, train: int = 64, **kwargs: Any
+) -> Any:
+    """A tiny BERT (random weights from a config, no download) on ``train`` random rows, 2 epochs
+    of batch 8, evaluated on 40 rows each epoch; ``kwargs`` go to the Trainer."""
     torch = sys.modules["torch"]
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -369,7 +373,7 @@ def hf_trainer(transformers: Any, tmp_path: Any, callbacks: list[Any], **kwargs:
     return transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=TokenData(torch, 64, 1),
+        train_dataset=TokenData(torch, train, 1),
         eval_dataset=TokenData(torch, 40, 2),
         callbacks=callbacks,
         **kwargs,

@@ -21,22 +21,31 @@ def _records(run: str, n: int) -> list[tuple[bytes, bytes, None]]:
     return [(run.encode(), orjson.dumps(doc), None) for _ in range(n)]
 
 
+def _args(bootstrap: str, *extra: str) -> list[str]:
+    return ["--bootstrap-servers", bootstrap, "--input-topic", "in", "--output-topic", "out",
+            "--group-id", "g", "--interval", "1", "--stats-interval", "0.5", *extra]  # fmt: skip
+
+
+def _consumed_and_committed(daemon: DaemonProcess, bootstrap: str, n: int) -> None:
+    """``n`` records produced, consumed, checkpointed and committed by a tick."""
+    daemon.wait_for_log(lambda ln: ln.get("event") == "partitions_assigned", 60)
+    produce_foreign(bootstrap, "in", _records("before", n))
+    daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["events"] == n, 60)
+    daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["commits"] >= 2, 30)
+
+
 def test_a_broker_that_comes_back_empty(tmp_path: Path) -> None:
     port = free_port()
     first = DevBroker(port, log_path=tmp_path / "tansu-1.log")
     first.start()
     second: DevBroker | None = None
-    args = ["--bootstrap-servers", first.bootstrap, "--input-topic", "in", "--output-topic", "out",
-            "--group-id", "g", "--interval", "1", "--stats-interval", "0.5",
-            "--partitions", "2"]  # fmt: skip
     try:
         create_topics(first.bootstrap, {"in": 2})
-        with DaemonProcess(args, tmp_path / "daemon.log") as daemon:
-            daemon.wait_for_log(lambda ln: ln.get("event") == "partitions_assigned", 60)
-            produce_foreign(first.bootstrap, "in", _records("before", 50))
-            daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["events"] == 50, 60)
-            # Let a tick checkpoint and commit the 50 records, then lose everything.
-            daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["commits"] >= 2, 30)
+        with DaemonProcess(
+            _args(first.bootstrap, "--partitions", "2"), tmp_path / "daemon.log"
+        ) as daemon:
+            # Let a tick checkpoint and commit 50 records, then lose everything.
+            _consumed_and_committed(daemon, first.bootstrap, 50)
             first.stop()
             second = DevBroker(port, log_path=tmp_path / "tansu-2.log")
             second.start()
@@ -74,15 +83,11 @@ def test_sigterm_while_the_broker_is_back_empty_is_honoured(tmp_path: Path) -> N
     first = DevBroker(port, log_path=tmp_path / "tansu-1.log")
     first.start()
     second: DevBroker | None = None
-    args = ["--bootstrap-servers", first.bootstrap, "--input-topic", "in", "--output-topic", "out",
-            "--group-id", "g", "--interval", "1", "--stats-interval", "0.5",
-            "--shutdown-timeout", "5"]  # fmt: skip
+    args = _args(first.bootstrap, "--shutdown-timeout", "5")
     try:
         create_topics(first.bootstrap, {"in": 1})
         with DaemonProcess(args, tmp_path / "daemon.log") as daemon:
-            daemon.wait_for_log(lambda ln: ln.get("event") == "partitions_assigned", 60)
-            produce_foreign(first.bootstrap, "in", _records("before", 20))
-            daemon.wait_for_log(lambda ln: ln.get("event") == "stats" and ln["commits"] >= 2, 60)
+            _consumed_and_committed(daemon, first.bootstrap, 20)
             first.stop()
             second = DevBroker(port, log_path=tmp_path / "tansu-2.log")
             second.start()

@@ -25,6 +25,7 @@ from kafka_tools import ReadRecord, create_topics, read_topic_foreign
 from metricsd.devbroker import DevBroker
 from metricsd.emitter import Emitter
 from scipy import stats as sps
+from test_integrations import hf_trainer
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first imported; no TensorFlow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,27 +178,8 @@ def assert_delivered(em: RecordingEmitter, callback: Any) -> None:
 
 # ------------------------------------------------------------------ Hugging Face transformers
 HF_RUN = "hf-run"
-HF_TRAIN, HF_EVAL, HF_BATCH, HF_EPOCHS = 192, 40, 8, 2
+HF_TRAIN, HF_EVAL, HF_BATCH, HF_EPOCHS = 192, 40, 8, 2  # as hf_trainer trains and evaluates
 HF_STEPS = HF_EPOCHS * HF_TRAIN // HF_BATCH  # 48
-
-
-class TokenData:
-    """Random token sequences with 3 labels; a map-style dataset of dicts, as the Trainer takes."""
-
-    def __init__(self, torch: Any, n: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 100, (n, 12), generator=gen)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": self.ids[i] > 0,
-            "labels": self.labels[i],
-        }
 
 
 def test_transformers_trainer_steps_losses_and_predictions_reach_the_daemon_and_match(
@@ -207,38 +189,13 @@ def test_transformers_trainer_steps_losses_and_predictions_reach_the_daemon_and_
     logging_steps=1, an eval per epoch through the callback's compute_metrics: the daemon's final
     summaries equal NumPy/SciPy on the step times and the logged losses the callback sent, and
     sklearn on the eval labels/argmax predictions the wrapper sent (prediction/val)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     metrics = pytest.importorskip("sklearn.metrics")
     from metricsd.integrations.transformers import MetricsdCallback
 
     topic = topic_name
     daemon = start_daemon(broker, topic, tmp_path)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config)  # random weights, no download
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=HF_BATCH,
-        per_device_eval_batch_size=16,
-        num_train_epochs=HF_EPOCHS,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
     seen: list[Any] = []
 
     def accuracy(eval_pred: Any) -> dict[str, float]:
@@ -249,14 +206,10 @@ def test_transformers_trainer_steps_losses_and_predictions_reach_the_daemon_and_
     with daemon:
         em = RecordingEmitter(HF_RUN, bootstrap_servers=broker.bootstrap, topic=topic, linger=0.2)
         callback = MetricsdCallback(em, close_timeout=60)
-        trainer = transformers.Trainer(
-            model=model,
-            args=args,
-            train_dataset=TokenData(torch, HF_TRAIN, 1),
-            eval_dataset=TokenData(torch, HF_EVAL, 2),
-            callbacks=[callback],
+        trainer = hf_trainer(
+            transformers, tmp_path, [callback], train=HF_TRAIN,
             compute_metrics=callback.compute_metrics(accuracy),
-        )
+        )  # fmt: skip
         trainer.train()
         assert trainer.state.global_step == HF_STEPS and len(em.seconds) == HF_STEPS
         assert_delivered(em, callback)

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import orjson
 import pytest
 from daemon_process import daemon_on
 from kafka_tools import create_topics, read_topic_foreign
 from metricsd.devbroker import DevBroker
-from metricsd.emitter import Emitter
-from scipy import stats as sps
+from test_frameworks_broker import RecordingEmitter, assert_stats
 
 pytestmark = pytest.mark.integration
 
@@ -39,18 +37,6 @@ RUN = "lightning-run"
 SUMMARY_SCHEMA = json.loads(
     (Path(__file__).resolve().parents[2] / "schemas" / "summary.schema.json").read_text()
 )
-
-
-class RecordingEmitter(Emitter):
-    """The step times exactly as the callback hands them to the emitter."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seconds: list[float] = []
-
-    def batch_time(self, seconds: Any, step: int | None = None) -> None:
-        self.seconds.append(seconds)
-        super().batch_time(seconds, step)
 
 
 class Tiny(pl.LightningModule):  # type: ignore[misc]
@@ -133,16 +119,7 @@ def test_lightning_step_times_reach_the_daemon_and_match_numpy(
         summary = final_batch_time(out)
         assert summary is not None, daemon.tail()
         jsonschema.Draft202012Validator(SUMMARY_SCHEMA).validate(summary)
-        window = np.array(em.seconds)
-        m = summary["metrics"]
-        assert summary["total"] == summary["count"] == STEPS
-        assert m["mean"] == pytest.approx(window.mean(), rel=1e-9)
-        assert m["std"] == pytest.approx(window.std(), rel=1e-9)
-        assert m["min"] == window.min() and m["max"] == window.max()
-        assert m["median"] == pytest.approx(np.median(window), rel=1e-9)
-        assert m["p95"] == pytest.approx(np.percentile(window, 95), rel=1e-9)
-        assert m["p99"] == pytest.approx(np.percentile(window, 99), rel=1e-9)
-        assert m["skewness"] == pytest.approx(sps.skew(window), rel=1e-9)
+        assert_stats(summary, em.seconds)  # every statistic vs NumPy/SciPy, count == STEPS
         assert daemon.terminate() == 0
 
     inputs = read_topic_foreign(

@@ -33,8 +33,14 @@ PARTITIONS = 2
 
 
 def _clean_env() -> dict[str, str]:
-    """The environment without METRICSD_* (tail's defaults must not come from the caller)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("METRICSD_")}
+    """The environment without METRICSD_* (tail's defaults must not come from the caller) and
+    without COLUMNS/LINES, which rich prefers to the terminal's size (set in pytest-xdist
+    workers, they drew the table 80 columns wide in a wider pane)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("METRICSD_") and k not in ("COLUMNS", "LINES")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,13 @@ class Screen:
             if time.monotonic() > deadline:
                 raise AssertionError(f"screen never matched; it shows:\n{screen}")
             time.sleep(0.3)
+
+    def ctrl_c_exits_cleanly(self) -> None:
+        """Ctrl-C, as a person would: tail exits 0, with no traceback on the screen."""
+        self.keys("C-c")
+        final = self.wait_for(lambda s: "TAIL_EXIT=" in s, timeout=30)
+        assert "TAIL_EXIT=0" in final, final
+        assert "Traceback" not in final and "KeyboardInterrupt" not in final
 
     def close(self) -> None:
         subprocess.run(
@@ -195,10 +208,7 @@ def test_live_table_shows_the_runs_updates_in_place_and_ctrl_c_exits_0(
 
         second = screen.wait_for(updated)
         assert second.count("metricsd summaries") == 1, "the table must update in place"
-        screen.keys("C-c")
-        final = screen.wait_for(lambda s: "TAIL_EXIT=" in s, timeout=30)
-        assert "TAIL_EXIT=0" in final, final
-        assert "Traceback" not in final and "KeyboardInterrupt" not in final
+        screen.ctrl_c_exits_cleanly()
     finally:
         screen.close()
 
@@ -224,10 +234,7 @@ def test_live_table_with_the_simulator_running_shows_every_stream_kind(
     try:
         full = screen.wait_for(lambda s: all(k in s for k in kinds), timeout=60)
         assert "p50" in full and "steps/s" in full and "live" in full
-        screen.keys("C-c")
-        final = screen.wait_for(lambda s: "TAIL_EXIT=" in s, timeout=30)
-        assert "TAIL_EXIT=0" in final, final
-        assert "Traceback" not in final and "KeyboardInterrupt" not in final
+        screen.ctrl_c_exits_cleanly()
     finally:
         screen.close()
         os.killpg(simulator.pid, signal.SIGKILL)
