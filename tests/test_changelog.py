@@ -9,6 +9,7 @@ from metricsd.buffers import RowSnapshot
 from metricsd.changelog import (
     Changelog,
     Keys,
+    Restored,
     Restorer,
     RowState,
     checkpoint_record,
@@ -98,6 +99,29 @@ def test_a_whole_window_is_a_head_and_blocks_that_reassemble_exactly() -> None:
     restorer = replay([*records, checkpoint_record(0, 1)])
     (restored,) = list(restorer.rows())
     assert same(restored, state) and restored.version == 2
+
+
+def test_a_checkpoint_not_written_is_written_by_the_next_tick_even_if_nothing_moved() -> None:
+    """A tick whose rows were not acknowledged writes no checkpoint (``unwritten``); the rows are
+    resent by the next tick, which must checkpoint that partition even when its position and
+    rows did not change: here a removal at an unchanged position, then an idle tick."""
+    changelog = Changelog()
+    changelog.assign([0])
+    first = changelog.tick({0: 5}, [(0, row())], [])
+    assert first[-1][1] == checkpoint_record(0, 5)
+    assert changelog.tick({0: 5}, [], []) == []  # nothing moved: no checkpoint
+    removal = changelog.tick({0: 5}, [], [(0, "r", "prediction/val")])
+    assert removal[-1][1] == checkpoint_record(0, 5)
+    changelog.unwritten([removal[-1]])  # its tombstones were not acknowledged
+    assert changelog.tick({0: 5}, [], []) == [(0, checkpoint_record(0, 5))]
+    assert changelog.tick({0: 5}, [], []) == []
+    # The first checkpoint of a partition not written: a later restore that finds none is not a
+    # lost changelog.
+    fresh = Changelog()
+    fresh.assign([1])
+    fresh.unwritten(fresh.tick({1: 3}, [(1, row())], [])[-1:])
+    nothing = Restored(rows=[], offsets={}, keys={1: {}}, corrupt=0, records=0, bytes=0)
+    assert fresh.lost(nothing) == {}
 
 
 def test_a_tick_writes_the_new_values_not_the_window() -> None:

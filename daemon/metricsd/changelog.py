@@ -453,8 +453,8 @@ class Changelog:
         # The last checkpoint this instance wrote or restored per partition, kept across revokes:
         # a later restore that finds none means the changelog was lost.
         self._known: dict[int, int] = {}
-        # What the last tick's checkpoints replaced, for :meth:`unwritten`.
-        self._replaced: dict[int, tuple[int | None, int | None]] = {}
+        # The known checkpoints the last tick's replaced, for :meth:`unwritten`.
+        self._replaced: dict[int, int | None] = {}
         self.snapshots = 0  # row writes, for the stats
 
     @property
@@ -538,22 +538,24 @@ class Changelog:
         for p, offset in positions.items():
             if p in self._keys and (p in touched or self._checkpointed.get(p) != offset):
                 out.append((p, checkpoint_record(p, offset)))
-                self._replaced[p] = (self._checkpointed.get(p), self._known.get(p))
+                self._replaced[p] = self._known.get(p)
                 self._checkpointed[p] = self._known[p] = offset
         return out
 
     def unwritten(self, checkpoints: Iterable[Placed]) -> None:
         """The last tick's ``checkpoints`` were not written (its row records were not all
-        acknowledged): forget them, so the next tick writes its own after the rows it resends."""
+        acknowledged): the next tick writes one for each of those partitions, after the rows it
+        resends, even if nothing else changes there (the rows would otherwise wait, unapplied,
+        for a checkpoint that a partition whose position stays put never writes)."""
         for p, _ in checkpoints:
             if p not in self._replaced:
                 continue
-            checkpointed, known = self._replaced.pop(p)
-            for book, offset in ((self._checkpointed, checkpointed), (self._known, known)):
-                if offset is None:
-                    book.pop(p, None)
-                else:
-                    book[p] = offset
+            known = self._replaced.pop(p)
+            self._checkpointed.pop(p, None)
+            if known is None:
+                self._known.pop(p, None)
+            else:
+                self._known[p] = known
 
     def _delete_elsewhere(self, key: RowKey, partition: int, touched: set[int]) -> list[Placed]:
         """Tombstones for a row's keys in owned partitions other than ``partition``: its run's
