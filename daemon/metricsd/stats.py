@@ -124,16 +124,24 @@ def _ratio(num: F64, den: F64, n: F64) -> F64:
     return out
 
 
-def _centre(src: F64, invalid: Bools | None, n: F64, out: F64) -> tuple[F64, F64]:
+def _centre(
+    src: F64, invalid: Bools | None, n: F64, out: F64, *, scratch: bool = False
+) -> tuple[F64, F64]:
     """Write ``src - mean`` into ``out`` (0 at invalid slots); return ``(mean, c)``.
 
     ``mean`` is the pairwise-summed mean of the valid values (NaN for empty rows) and
     ``c = mean(out)`` over the valid slots: the residual of ``mean``'s rounding, which the callers
-    fold back in (corrected two-pass algorithm, Chan, Golub & LeVeque 1983).
+    fold back in (corrected two-pass algorithm, Chan, Golub & LeVeque 1983). ``scratch``: the
+    invalid slots of ``src`` may be zeroed in place instead of in a copy (the same sums).
     """
     if invalid is None:
         mean = src.sum(axis=1) / n
         np.subtract(src, mean[:, None], out=out)
+    elif scratch:
+        np.copyto(src, 0.0, where=invalid)
+        mean = src.sum(axis=1) / n
+        np.subtract(src, mean[:, None], out=out)
+        np.copyto(out, 0.0, where=invalid)
     else:
         np.copyto(out, src)
         np.copyto(out, 0.0, where=invalid)
@@ -258,15 +266,9 @@ def _numeric_blocks(
         hi = _row_pick(srt, np.maximum(n - 1, 0).astype(np.intp))
         lo[empty] = np.nan
         hi[empty] = np.nan
-        # ``_centre`` in place: the sorted tail (+inf) is never read again (quantiles pick
-        # below n), so it is zeroed in srt itself instead of in a masked copy (same sums).
-        if tail is not None:
-            np.copyto(srt, 0.0, where=tail)
-        mean0 = srt.sum(axis=1) / count
-        np.subtract(srt, mean0[:, None], out=dev)
-        if tail is not None:
-            np.copyto(dev, 0.0, where=tail)
-        c = dev.sum(axis=1) / count
+        # The sorted tail (+inf) is never read again (quantiles pick below n): it is zeroed
+        # in srt itself rather than in a masked copy.
+        mean0, c = _centre(srt, tail, count, dev, scratch=True)
         np.multiply(dev, dev, out=sq)
         s2 = sq.sum(axis=1) / count
         s3 = np.einsum("ij,ij->i", sq, dev) / count
